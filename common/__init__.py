@@ -1,0 +1,1 @@
+"""Helpers shared by both stages: config system, command line, checkpoints, run logging, PNG grids."""

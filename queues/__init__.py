@@ -1,0 +1,1 @@
+"""Accelerator-resident FIFO key queues for InfoNCE negatives, saved and restored with checkpoints."""
