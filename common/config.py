@@ -9,10 +9,10 @@ Every key is checked against the dataclass tree: an unknown key or a value of th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -264,8 +264,7 @@ def _type_name(tp: Any) -> str:
 
 def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
     """``dataclasses.field`` with a help string (shown by ``--help``); mutable defaults are copied."""
-    if isinstance(default, (list, dict)):
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default
-        return dataclasses.field(default_factory=lambda: typing.cast(Any, type(value))(value),
-                                 metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help}, **kw)
     return dataclasses.field(default=default, metadata={"help": help}, **kw)

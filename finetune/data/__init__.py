@@ -1,0 +1,1 @@
+"""Few-shot segmentation data: one episode contract for every benchmark, deterministic episode lists."""

@@ -1,0 +1,235 @@
+"""Unlabelled images for stage 1: finding them, checking them, and turning one into its training views.
+
+Every sample is made from a generator seeded by (seed, epoch, index) alone, so a batch is the same whatever
+the number of workers and a resumed run sees exactly the batches an uninterrupted run would. Superpixels
+are never computed here: they are read from the on-disk cache that :func:`prepare_images` fills first.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from lightly.transforms import MoCoV2Transform
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from pretrain.config import AugConfig, PretrainConfig
+from superpixels.cache import SuperpixelCache, precompute
+from superpixels.segment import segment_ids_for_sampling
+from superpixels.transforms import JointViewTransform, sample_segment_crop
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PASCAL_TRAIN_LIST = REPO_ROOT / "finetune" / "data" / "splits" / "pascal" / "voc_sbd_merge_noduplicate.txt"
+# scikit-image ships these photos inside its wheel, so the default run needs no download. Pure textures
+# (grass, gravel, brick) are left out: SLIC finds a single superpixel on them.
+BUILTIN_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+                  "colorwheel", "logo", "coins", "camera", "moon", "clock", "text", "page", "cell", "microaneurysms",
+                  "stereo_motorcycle:0", "stereo_motorcycle:1")
+
+class ImageError(RuntimeError):
+    """An image that cannot be used; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------------
+# finding and checking images
+
+
+def list_images(cfg: PretrainConfig, out_dir: Path) -> list[Path]:
+    """The image files of ``cfg.data`` in a stable (sorted) order; a missing folder or list is an error."""
+    data = cfg.data
+    if data.source == "builtin":
+        return materialise_builtin(Path(data.builtin_dir) if data.builtin_dir else out_dir / "builtin_images")
+    root = Path(data.root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {root} does not exist or is not a folder")
+    if data.source == "folder":
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    elif data.source == "voc":
+        list_file = Path(data.list_file) if data.list_file else PASCAL_TRAIN_LIST
+        if not list_file.is_file():
+            raise FileNotFoundError(f"data.list_file {list_file} not found")
+        ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+        # PFENet lists hold "JPEGImages/<id>.jpg SegmentationClassAug/<id>.png" pairs; plain id lists work too
+        paths = [root / "JPEGImages" / (Path(i).stem + ".jpg") for i in ids]
+    else:  # coco
+        folder = next((root / name for name in ("train2014", "train2017") if (root / name).is_dir()), None)
+        if folder is None:
+            raise FileNotFoundError(f"{root} has neither train2014/ nor train2017/")
+        paths = sorted(folder.glob("*.jpg"))
+    if not paths:
+        raise FileNotFoundError(f"no images found for data.source={data.source!r} under {root}")
+    return paths
+
+
+def materialise_builtin(folder: Path, max_side: int = 512) -> list[Path]:
+    """Write scikit-image's bundled sample photos as PNGs (RGB, long side <= ``max_side``) once."""
+    import skimage.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in BUILTIN_IMAGES:
+        path = folder / f"{name.replace(':', '_')}.png"
+        if not path.is_file():
+            loader, _, part = name.partition(":")
+            data = getattr(skimage.data, loader)()
+            image = Image.fromarray(np.asarray(data[int(part)] if part else data)).convert("RGB")
+            image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+            tmp = path.with_suffix(".tmp.png")
+            image.save(tmp)
+            tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def check_image(path: str | Path, min_side: int) -> str | None:
+    """Fully decode one image; return why it is unusable, or None."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # a truncated JPEG only fails here, not at open()
+            w, h = im.size
+    except FileNotFoundError:
+        return "file not found"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"unreadable image ({err})"
+    if min(w, h) < min_side:
+        return f"image is {w}x{h}, smaller than data.min_image_side={min_side}"
+    return None
+
+
+@dataclass
+class ScanReport:
+    good: list[Path]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def _check_star(args: tuple[str, int]) -> str | None:
+    return check_image(*args)
+
+
+def scan_images(paths: list[Path], min_side: int, on_bad: str, workers: int, progress: bool = True) -> ScanReport:
+    """Decode every image once (in parallel) so bad files surface before training, never inside a worker."""
+    jobs = [(str(p), min_side) for p in paths]
+    if workers > 1 and len(jobs) > 64:
+        with get_context("spawn").Pool(workers) as pool:
+            reasons = list(tqdm(pool.imap(_check_star, jobs, chunksize=16), total=len(jobs),
+                                desc="checking images", disable=not progress))
+    else:
+        reasons = [_check_star(j) for j in tqdm(jobs, desc="checking images", disable=not progress)]
+    report = ScanReport(good=[p for p, r in zip(paths, reasons) if r is None],
+                        bad=[(str(p), r) for p, r in zip(paths, reasons) if r is not None])
+    if report.bad and on_bad == "error":
+        path, reason = report.bad[0]
+        more = f" (and {len(report.bad) - 1} more)" if len(report.bad) > 1 else ""
+        raise ImageError(f"{path}: {reason}{more}; set data.on_bad_image=skip to leave such files out")
+    return report
+
+
+def prepare_images(cfg: PretrainConfig, out_dir: Path, cache_dir: Path, progress: bool = True) -> ScanReport:
+    """List, check and (when the local loss is on) superpixel-cache every image. Run on the main process only."""
+    report = scan_images(list_images(cfg, out_dir), cfg.data.min_image_side, cfg.data.on_bad_image,
+                         cfg.data.num_workers, progress)
+    if cfg.uses_local:
+        sp = precompute([str(p) for p in report.good], cfg.superpixels, str(cache_dir),
+                        workers=max(cfg.superpixels.workers, 1), on_bad_image=cfg.data.on_bad_image,
+                        progress=progress)
+        report.bad += sorted(sp.bad.items())
+        report.good = [p for p in report.good if str(p) not in sp.bad]
+    if not report.good:
+        raise ImageError(f"no usable image left out of {len(report.good) + len(report.bad)}")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# views
+
+
+def moco_v2_views(aug: AugConfig, size: int) -> MoCoV2Transform:
+    """lightly's MoCo-v2 two-view transform with the config's values (its defaults are MoCo-v2's)."""
+    pm = aug.photometric
+    return MoCoV2Transform(input_size=size, cj_prob=pm.jitter_prob, cj_strength=1.0, cj_bright=pm.brightness,
+                           cj_contrast=pm.contrast, cj_sat=pm.saturation, cj_hue=pm.hue, min_scale=aug.min_scale,
+                           random_gray_scale=pm.grayscale_prob, gaussian_blur=pm.blur_prob,
+                           sigmas=tuple(pm.blur_sigma), hf_prob=aug.hflip_prob)
+
+
+@contextmanager
+def seeded(seed_words: tuple[int, ...]) -> Iterator[None]:
+    """Seed torch, numpy and python RNGs from ``seed_words`` inside the block, restoring them afterwards."""
+    seed = int(np.random.SeedSequence(list(seed_words)).generate_state(1)[0])
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class PretrainImages(Dataset):
+    """One item = the training views of one image, a dict of tensors.
+
+    Keys, by configuration (B = batch after collation, S = aug.global_size, P = aug.local_size):
+        ``view_q``, ``view_k``: ``[3, S, S]`` two MoCo-v2 views (when the global loss or pooled mode is on).
+        ``labels_q``, ``labels_k``: ``[S, S]`` int64 superpixel ids aligned with the views (pooled mode).
+        ``patch_q``, ``patch_k``: ``[3, P, P]`` two views of one superpixel's box crop (patch mode).
+    """
+
+    def __init__(self, paths: list[Path], cfg: PretrainConfig, cache_dir: Path) -> None:
+        self.paths = [str(p) for p in paths]
+        self.seed = cfg.train.seed
+        self.epoch = 0
+        self.mode = cfg.loss.local_mode if cfg.uses_local else "none"
+        self.min_area_frac = cfg.superpixels.min_area_frac
+        self.cache = SuperpixelCache(str(cache_dir), cfg.superpixels) if cfg.uses_local else None
+        self.want_global = cfg.uses_global or self.mode == "pooled"
+        self.global_views = moco_v2_views(cfg.aug, cfg.aug.global_size)
+        self.patch_views = moco_v2_views(cfg.aug, cfg.aug.local_size)
+        self.joint_view = JointViewTransform(size=cfg.aug.global_size, min_scale=cfg.aug.min_scale,
+                                             hflip_prob=cfg.aug.hflip_prob, photometric=cfg.aug.photometric)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch's iterator is made (workers copy the dataset then)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.paths[index]
+        raw = Path(path).read_bytes()
+        try:
+            image = Image.open(io.BytesIO(raw)).convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ImageError(f"{path}: unreadable image ({err})") from err
+        labels = None
+        if self.cache is not None:
+            labels = self.cache.load(self.cache.key_for(raw))
+            if labels.shape != (image.height, image.width):
+                raise ImageError(f"{path}: cached superpixels are {labels.shape}, image is "
+                                 f"{(image.height, image.width)}; delete the cache entry and re-run")
+        out: dict[str, torch.Tensor] = {}
+        with seeded((self.seed, self.epoch, index)):
+            if self.mode == "pooled":
+                out["view_q"], out["labels_q"] = self.joint_view(image, labels)
+                out["view_k"], out["labels_k"] = self.joint_view(image, labels)
+            elif self.want_global:
+                out["view_q"], out["view_k"] = self.global_views(image)
+            if self.mode == "patch":
+                ids = segment_ids_for_sampling(labels, self.min_area_frac)
+                rng = np.random.default_rng(np.random.randint(2**31))
+                crop = sample_segment_crop(image, labels, ids, rng)
+                out["patch_q"], out["patch_k"] = self.patch_views(crop)
+        return out

@@ -1,0 +1,170 @@
+"""The stage-1 training loop, written out step by step (MoCo order: momentum update, encode, loss, enqueue).
+
+Everything that varies from step to step is either saved in the checkpoint (weights, optimiser, queues,
+RNG states) or derived from the step counter (epoch, position in the epoch, learning rate), which is what
+makes ``--resume auto`` continue exactly where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import skip_first_batches
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from common.config import flatten
+from common.runlog import MetricsLog
+from pretrain.config import PretrainConfig
+from pretrain.data import PretrainImages
+from pretrain.losses import info_nce
+from pretrain.model import MoCoPrior
+from queues.feature_queue import FeatureQueue
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    last_metrics: dict[str, float]
+
+
+def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
+    """MoCo's linear scaling rule: base_lr is for a global batch of 256."""
+    return cfg.optim.base_lr * global_batch / 256
+
+
+def lr_at(cfg: PretrainConfig, peak: float, step: int, total: int) -> float:
+    """Learning rate at ``step`` (cosine to 0 over ``total`` steps, no warm-up, as MoCo-v2 ``--cos``)."""
+    if cfg.optim.schedule == "constant":
+        return peak
+    return peak * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def make_queues(cfg: PretrainConfig, device: torch.device) -> dict[str, FeatureQueue]:
+    """The global and the local queue, identical on every rank (seeded), on the accelerator."""
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    queues = {}
+    if cfg.uses_global:
+        queues["global"] = FeatureQueue(cfg.queue.global_size, cfg.model.out_dim, gen).to(device)
+    if cfg.uses_local:
+        queues["local"] = FeatureQueue(cfg.queue.local_size, cfg.model.out_dim, gen).to(device)
+    return queues
+
+
+def queue_tensors(queues: dict[str, FeatureQueue]) -> dict[str, torch.Tensor]:
+    return {f"queue.{name}.{k}": v for name, q in queues.items() for k, v in q.state_dict().items()}
+
+
+def restore_queues(queues: dict[str, FeatureQueue], tensors: dict[str, torch.Tensor]) -> None:
+    for name, q in queues.items():
+        prefix = f"queue.{name}."
+        q.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_paths: list[Path],
+          cache_dir: Path, resume: str | None = None) -> TrainResult:
+    """Pretrain the prior extractor on ``image_paths``; returns the final step and checkpoint folder."""
+    dataset = PretrainImages(image_paths, cfg, cache_dir)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images cannot fill one batch of {cfg.train.batch_size} x {world} "
+                         "processes; lower train.batch_size or add images")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+
+    model = MoCoPrior(cfg, world_size=world)
+    queues = make_queues(cfg, accelerator.device)
+    global_batch = cfg.train.batch_size * world
+    peak_lr = scaled_lr(cfg, global_batch)
+    params = [p for m in model.query_modules() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=peak_lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core: MoCoPrior = accelerator.unwrap_model(model)
+
+    step, checkpoint = 0, None
+    if resume:
+        found = find_checkpoint(run_dir, resume)
+        if found is not None:
+            extra, state = load_checkpoint(accelerator, found)
+            restore_queues(queues, {k: v.to(accelerator.device) for k, v in extra.items()})
+            step, checkpoint = state["step"], found
+            accelerator.print(f"resumed from {found} at step {step}")
+        else:
+            accelerator.print(f"--resume {resume}: no checkpoint in {run_dir}, starting from scratch")
+
+    accelerator.init_trackers("pretrain", config=flatten(cfg))
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
+               disable=not accelerator.is_local_main_process)
+    last: dict[str, float] = {}
+    tick, images_since = time.perf_counter(), 0
+    temperature = cfg.loss.temperature
+    model.train()
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        epoch_loader = skip_first_batches(loader, offset) if offset else loader
+        for batch in epoch_loader:
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            lr = lr_at(cfg, peak_lr, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            core.momentum_update()
+            out = model(batch)
+            loss = torch.zeros((), device=accelerator.device)
+            scalars: dict[str, float] = {}
+            if cfg.uses_global:
+                loss_g, acc_g = info_nce(out["q"], out["k"], queues["global"].keys, temperature)
+                loss = loss + cfg.loss.global_weight * loss_g
+                scalars.update({"loss/global": loss_g.item(), "acc/global_top1": acc_g.item()})
+            if cfg.uses_local:
+                loss_l, acc_l = info_nce(out["local_q"], out["local_k"], queues["local"].keys, temperature,
+                                         out["local_valid"])
+                loss = loss + cfg.loss.local_weight * loss_l
+                scalars.update({"loss/local": loss_l.item(), "acc/local_top1": acc_l.item()})
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            # enqueue after backward: the logits above still reference the queue as it was
+            if cfg.uses_global:
+                queues["global"].enqueue(accelerator.gather(out["k"]))
+            if cfg.uses_local:
+                queues["local"].enqueue(accelerator.gather(out["local_k"]),
+                                        accelerator.gather(out["local_valid"]))
+            step += 1
+            images_since += global_batch
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - tick
+                scalars.update({"loss/total": loss.item(), "lr": lr, "momentum": core.momentum,
+                                "throughput/images_per_s": images_since / max(elapsed, 1e-9)})
+                scalars.update({f"queue/{n}_fill": q.fill_fraction for n, q in queues.items()})
+                accelerator.log(scalars, step=step)
+                metrics_log.write({"step": step, "epoch": epoch, **scalars})
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+                tick, images_since = time.perf_counter(), 0
+            last = scalars
+            if step % cfg.train.checkpoint_every == 0 or step == total_steps:
+                checkpoint = save_checkpoint(
+                    accelerator, run_dir, step, queue_tensors(queues),
+                    {"step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                     "world_size": world, "global_batch": global_batch, "arch": cfg.model.arch},
+                    keep_last=cfg.train.keep_last)
+            if step >= total_steps:
+                break
+    bar.close()
+    accelerator.end_training()
+    return TrainResult(step=step, checkpoint=checkpoint, last_metrics=last)

@@ -1,0 +1,151 @@
+"""The MoCo-v2 prior extractor: query and key encoders, global and local projection heads.
+
+The encoders are plain torchvision networks (ResNet-50 / ResNet-18 / MobileNetV2, classifier removed), so
+the exported key encoder loads into the matching torchvision constructor unchanged. On a single process
+the BatchNorm layers are lightly's ``SplitBatchNorm`` (emulating per-GPU statistics) and the key batch is
+shuffled inside the process; with several processes the key batch is shuffled across processes
+(MoCo's shuffle-BN) and BN is plain. Either way the query and its positive key never share BN statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from lightly.models.batchnorm import SplitBatchNorm
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
+from torch import Tensor, nn
+
+from pretrain.config import PretrainConfig
+from superpixels.pooling import labels_to_grid, pool_regions, sample_shared_ids
+
+FEATURE_DIMS = {"resnet50": 2048, "resnet18": 512, "mobilenet_v2": 1280}
+
+
+def build_encoder(arch: str, split_bn: int = 0) -> nn.Module:
+    """A torchvision backbone without its classifier; ``split_bn > 1`` swaps in SplitBatchNorm."""
+    norm = partial(SplitBatchNorm, num_splits=split_bn) if split_bn > 1 else nn.BatchNorm2d
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)
+    if arch.startswith("resnet"):
+        net.fc = nn.Identity()  # state_dict then holds exactly torchvision's keys minus fc.*
+    else:
+        net.classifier = nn.Identity()
+    return net
+
+
+def encoder_features(net: nn.Module, x: Tensor) -> Tensor:
+    """Last feature map of a torchvision ResNet / MobileNetV2: ``[B,3,H,W] -> [B,C,H/32,W/32]``."""
+    if hasattr(net, "layer4"):
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    return net.features(x)
+
+
+class MoCoPrior(nn.Module):
+    """Query encoder + heads (trained) and their EMA key copies (updated by momentum only).
+
+    Attributes:
+        query_encoder, key_encoder: torchvision trunks.
+        global_head_q/_k: 2-layer MLP C -> hidden -> out_dim (MoCo-v2 head, lightly's MoCoProjectionHead).
+        local_head_q/_k: a separate head of the same shape for superpixel embeddings.
+    """
+
+    def __init__(self, cfg: PretrainConfig, world_size: int = 1) -> None:
+        super().__init__()
+        m = cfg.model
+        bn_mode = m.bn_mode if m.bn_mode != "auto" else ("shuffle" if world_size > 1 else "split")
+        if bn_mode == "shuffle" and world_size == 1:
+            raise ValueError("model.bn_mode=shuffle needs several processes; use split on one process")
+        self.bn_mode = bn_mode
+        self.distributed_shuffle = bn_mode == "shuffle"
+        self.shuffle_keys = bn_mode in ("shuffle", "split")
+        self.momentum = m.momentum
+        dim = FEATURE_DIMS[m.arch]
+        self.query_encoder = build_encoder(m.arch, m.split_bn_splits if bn_mode == "split" else 0)
+        if m.init_weights:
+            from safetensors.torch import load_file
+            state = load_file(m.init_weights) if m.init_weights.endswith(".safetensors") else \
+                torch.load(m.init_weights, map_location="cpu", weights_only=True)
+            missing, unexpected = self.query_encoder.load_state_dict(state, strict=False)
+            if unexpected:
+                raise ValueError(f"{m.init_weights}: unexpected keys {sorted(unexpected)[:5]}")
+        self.global_head_q = MoCoProjectionHead(dim, m.head_hidden_dim, m.out_dim)
+        self.local_head_q = MoCoProjectionHead(dim, m.head_hidden_dim, m.out_dim)
+        self.key_encoder = copy.deepcopy(self.query_encoder)
+        self.global_head_k = copy.deepcopy(self.global_head_q)
+        self.local_head_k = copy.deepcopy(self.local_head_q)
+        for key_part in self.key_modules():
+            deactivate_requires_grad(key_part)
+        self.uses_global, self.uses_local = cfg.uses_global, cfg.uses_local
+        self.local_mode = cfg.loss.local_mode
+        self.pooled_regions = cfg.loss.pooled_regions
+
+    def key_modules(self) -> list[nn.Module]:
+        return [self.key_encoder, self.global_head_k, self.local_head_k]
+
+    def query_modules(self) -> list[nn.Module]:
+        return [self.query_encoder, self.global_head_q, self.local_head_q]
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float | None = None) -> None:
+        """key = m * key + (1 - m) * query, parameters only (BN buffers are not averaged, as in MoCo)."""
+        m = self.momentum if momentum is None else momentum
+        for q, k in zip(self.query_modules(), self.key_modules()):
+            update_momentum(q, k, m)
+
+    @torch.no_grad()
+    def _encode_keys(self, x: Tensor) -> Tensor:
+        """Key-encoder feature maps with the batch shuffled across BN groups, returned in input order."""
+        if not self.shuffle_keys:
+            return encoder_features(self.key_encoder, x)
+        x, idx = batch_shuffle(x, distributed=self.distributed_shuffle)
+        return batch_unshuffle(encoder_features(self.key_encoder, x), idx, distributed=self.distributed_shuffle)
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Embed one batch; call :meth:`momentum_update` first (MoCo order: update, then encode keys).
+
+        Returns L2-normalised embeddings:
+            ``q``, ``k``: ``[B, D]`` global query / key (when the global loss is on);
+            ``local_q``, ``local_k``: ``[N, D]`` local query / key with ``local_valid [N]`` (N = B for patch
+            mode, B * pooled_regions for pooled mode; invalid rows have no region shared by both views).
+        """
+        out: dict[str, Tensor] = {}
+        if "view_q" in batch:
+            fq = encoder_features(self.query_encoder, batch["view_q"])  # [B, C, h, w]
+            fk = self._encode_keys(batch["view_k"])
+            if self.uses_global:
+                out["q"] = F.normalize(self.global_head_q(fq.mean((2, 3))), dim=1)
+                with torch.no_grad():
+                    out["k"] = F.normalize(self.global_head_k(fk.mean((2, 3))), dim=1)
+        if self.uses_local and self.local_mode == "patch":
+            pq = encoder_features(self.query_encoder, batch["patch_q"]).mean((2, 3))
+            pk = self._encode_keys(batch["patch_k"]).mean((2, 3))
+            out["local_q"] = F.normalize(self.local_head_q(pq), dim=1)
+            with torch.no_grad():
+                out["local_k"] = F.normalize(self.local_head_k(pk), dim=1)
+            out["local_valid"] = torch.ones(pq.shape[0], dtype=torch.bool, device=pq.device)
+        elif self.uses_local:
+            out.update(self._pooled_local(fq, fk, batch["labels_q"], batch["labels_k"], generator))
+        return out
+
+    def _pooled_local(self, fq: Tensor, fk: Tensor, labels_q: Tensor, labels_k: Tensor,
+                      generator: torch.Generator | None) -> dict[str, Tensor]:
+        """DetCon-style: mean-pool each view's features per superpixel, pair the same id across views."""
+        num_ids = int(max(labels_q.max(), labels_k.max())) + 1
+        grid = fq.shape[-1]
+        grid_q = labels_to_grid(labels_q, grid, num_ids)  # [B, h, w]
+        grid_k = labels_to_grid(labels_k, grid, num_ids)
+        pooled_q, present_q = pool_regions(fq, grid_q, num_ids)  # [B, num_ids, C], [B, num_ids]
+        with torch.no_grad():
+            pooled_k, present_k = pool_regions(fk, grid_k, num_ids)
+        ids, valid = sample_shared_ids(present_q, present_k, self.pooled_regions, generator)  # [B, n]
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+        emb_q = self.local_head_q(pooled_q[rows, ids].flatten(0, 1))  # [B*n, D]
+        with torch.no_grad():
+            emb_k = self.local_head_k(pooled_k[rows, ids].flatten(0, 1))
+        return {"local_q": F.normalize(emb_q, dim=1), "local_k": F.normalize(emb_k, dim=1),
+                "local_valid": valid.flatten()}
