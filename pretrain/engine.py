@@ -7,6 +7,7 @@ makes ``--resume auto`` continue exactly where a killed run stopped.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -68,6 +70,50 @@ def restore_queues(queues: dict[str, FeatureQueue], tensors: dict[str, torch.Ten
         q.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
+def train_step(model: torch.nn.Module, queues: dict[str, FeatureQueue], batch: dict[str, torch.Tensor],
+               optimizer: torch.optim.Optimizer, accelerator: Accelerator,
+               cfg: PretrainConfig) -> tuple[dict[str, float], torch.Tensor]:
+    """One MoCo step: momentum update, encode, InfoNCE against the queues, backward, SGD, enqueue.
+
+    ``model`` is the prepared (possibly DDP-wrapped) :class:`MoCoPrior`; returns (scalars, total loss).
+    """
+    accelerator.unwrap_model(model).momentum_update()
+    out = model(batch)
+    temperature = cfg.loss.temperature
+    loss = torch.zeros((), device=accelerator.device)
+    scalars: dict[str, float] = {}
+    if cfg.uses_global:
+        loss_g, acc_g = info_nce(out["q"], out["k"], queues["global"].keys, temperature)
+        loss = loss + cfg.loss.global_weight * loss_g
+        scalars.update({"loss/global": loss_g.item(), "acc/global_top1": acc_g.item()})
+    if cfg.uses_local:
+        loss_l, acc_l = info_nce(out["local_q"], out["local_k"], queues["local"].keys, temperature,
+                                 out["local_valid"])
+        loss = loss + cfg.loss.local_weight * loss_l
+        scalars.update({"loss/local": loss_l.item(), "acc/local_top1": acc_l.item()})
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    # enqueue after backward: the logits above still reference the queue as it was
+    if cfg.uses_global:
+        queues["global"].enqueue(accelerator.gather(out["k"]))
+    if cfg.uses_local:
+        queues["local"].enqueue(accelerator.gather(out["local_k"]), accelerator.gather(out["local_valid"]))
+    return scalars, loss
+
+
+def check_queues_agree(queues: dict[str, FeatureQueue], accelerator: Accelerator) -> list[str]:
+    """sha256 of every rank's queues; ranks that disagree would train on different negatives, so fail loudly."""
+    digest = hashlib.sha256()
+    for name in sorted(queues):
+        digest.update(queues[name].keys.detach().cpu().numpy().tobytes())
+        digest.update(str(int(queues[name].ptr)).encode())
+    digests = gather_object([digest.hexdigest()[:16]])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"queues differ between ranks: {digests}")
+    return digests
+
+
 def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_paths: list[Path],
           cache_dir: Path, resume: str | None = None) -> TrainResult:
     """Pretrain the prior extractor on ``image_paths``; returns the final step and checkpoint folder."""
@@ -75,8 +121,11 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
     world, rank = accelerator.num_processes, accelerator.process_index
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
                                  drop_last=True)
+    # the loader draws worker base seeds from its own generator, not the global RNG: a resumed run makes a
+    # new iterator mid-epoch, and that must not shift the random stream the model side (key shuffle) uses
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+                        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images cannot fill one batch of {cfg.train.batch_size} x {world} "
@@ -110,7 +159,6 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
                disable=not accelerator.is_local_main_process)
     last: dict[str, float] = {}
     tick, images_since = time.perf_counter(), 0
-    temperature = cfg.loss.temperature
     model.train()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -122,28 +170,7 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
             lr = lr_at(cfg, peak_lr, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            core.momentum_update()
-            out = model(batch)
-            loss = torch.zeros((), device=accelerator.device)
-            scalars: dict[str, float] = {}
-            if cfg.uses_global:
-                loss_g, acc_g = info_nce(out["q"], out["k"], queues["global"].keys, temperature)
-                loss = loss + cfg.loss.global_weight * loss_g
-                scalars.update({"loss/global": loss_g.item(), "acc/global_top1": acc_g.item()})
-            if cfg.uses_local:
-                loss_l, acc_l = info_nce(out["local_q"], out["local_k"], queues["local"].keys, temperature,
-                                         out["local_valid"])
-                loss = loss + cfg.loss.local_weight * loss_l
-                scalars.update({"loss/local": loss_l.item(), "acc/local_top1": acc_l.item()})
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            # enqueue after backward: the logits above still reference the queue as it was
-            if cfg.uses_global:
-                queues["global"].enqueue(accelerator.gather(out["k"]))
-            if cfg.uses_local:
-                queues["local"].enqueue(accelerator.gather(out["local_k"]),
-                                        accelerator.gather(out["local_valid"]))
+            scalars, loss = train_step(model, queues, batch, optimizer, accelerator, cfg)
             step += 1
             images_since += global_batch
             bar.update(1)
@@ -158,10 +185,12 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
                 tick, images_since = time.perf_counter(), 0
             last = scalars
             if step % cfg.train.checkpoint_every == 0 or step == total_steps:
+                digests = check_queues_agree(queues, accelerator)
                 checkpoint = save_checkpoint(
                     accelerator, run_dir, step, queue_tensors(queues),
                     {"step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                     "world_size": world, "global_batch": global_batch, "arch": cfg.model.arch},
+                     "world_size": world, "global_batch": global_batch, "arch": cfg.model.arch,
+                     "queue_digests_per_rank": digests},
                     keep_last=cfg.train.keep_last)
             if step >= total_steps:
                 break
