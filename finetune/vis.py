@@ -1,0 +1,86 @@
+"""PNG grids of evaluation episodes: support+mask | query | ground truth | prediction | prior map | guided map.
+
+PNG, not JPEG: JPEG smears mask edges. Images are un-normalised with the data pipeline's mean/std; masks are
+drawn with torchvision's ``draw_segmentation_masks``; region maps (values in [0, 1]) are shown as heat maps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor
+from torchvision.utils import draw_segmentation_masks, make_grid
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+FG, GT, PRED = "#ffd400", "#00d060", "#ff3355"
+
+
+def to_uint8(image: Tensor, scale255: bool = True) -> Tensor:
+    """``[3,H,W]`` normalised float (0-255 based like PFENet, or 0-1 based) -> uint8 RGB."""
+    image = image.detach().float().cpu()
+    x = image * STD + MEAN if not scale255 else image * (STD * 255) + MEAN * 255
+    if not scale255:
+        x = x * 255
+    return x.clamp(0, 255).round().to(torch.uint8)
+
+
+def overlay(image: Tensor, mask: Tensor, colour: str, alpha: float = 0.5) -> Tensor:
+    """``image [3,H,W] uint8`` with ``mask [H,W]`` (1 = foreground; 255 ignored) drawn in ``colour``."""
+    return draw_segmentation_masks(image, (mask == 1).cpu(), alpha=alpha, colors=colour)
+
+
+def heatmap(region_map: Tensor, size: tuple[int, int]) -> Tensor:
+    """``[1,h,w]`` or ``[h,w]`` map in [0, 1] -> ``[3,H,W]`` uint8 (dark blue = 0, yellow = 1)."""
+    m = region_map.detach().float().cpu().reshape(1, 1, *region_map.shape[-2:])
+    m = F.interpolate(m, size=size, mode="bilinear", align_corners=True)[0, 0].clamp(0, 1)
+    rgb = torch.stack([m, m ** 0.5 * 0.9, (1 - m) * 0.6 + 0.1])
+    return (rgb * 255).round().to(torch.uint8)
+
+
+def episode_row(supports: Tensor, support_masks: Tensor, query: Tensor, target: Tensor, pred: Tensor,
+                prior_map: Tensor | None, guided_map: Tensor | None, scale255: bool = True) -> list[Tensor]:
+    """Panels of one episode, all ``[3,S,S]`` uint8.
+
+    Args:
+        supports ``[K,3,S,S]``, support_masks ``[K,S,S]``, query ``[3,S,S]``, target / pred ``[S,S]``,
+        prior_map / guided_map ``[1,h,w]`` (None when the model has no such map).
+    """
+    size = tuple(query.shape[-2:])
+    panels = [overlay(to_uint8(s, scale255), m, FG) for s, m in zip(supports, support_masks)]
+    q = to_uint8(query, scale255)
+    panels += [q, overlay(q, target, GT), overlay(q, pred, PRED)]
+    for region_map in (prior_map, guided_map):
+        panels.append(heatmap(region_map, size) if region_map is not None else torch.zeros_like(q))
+    return panels
+
+
+def save_grid(rows: list[list[Tensor]], titles: list[str], path: str | Path) -> Path:
+    """One row per episode (equal panel counts), a title line above each row, written as PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ncol = len(rows[0])
+    grid = make_grid([p for row in rows for p in row], nrow=ncol, padding=4, pad_value=255)
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    panel_h = rows[0][0].shape[-2] + 4
+    canvas = Image.new("RGB", (image.width, image.height + 14 * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(titles):
+        top = i * (panel_h + 14)
+        draw.text((4, top + 1), title, fill=(0, 0, 0))
+        canvas.paste(image.crop((0, i * panel_h, image.width, (i + 1) * panel_h + 4)), (0, top + 14))
+    canvas.save(path)
+    return path
+
+
+def column_titles(shot: int) -> str:
+    return " | ".join([f"support {i + 1}" for i in range(shot)] + ["query", "ground truth", "prediction",
+                                                                   "prior map", "guided map"])
+
+
+def as_numpy_mask(mask: Tensor) -> np.ndarray:
+    return mask.detach().cpu().numpy().astype(np.uint8)
