@@ -1,0 +1,77 @@
+"""Config keys of the stage-2 data (``data.*``): which benchmark, where it lives, how it is indexed and augmented.
+
+Shot, evaluation protocol, episode counts and evaluation seeds live in the top-level stage-2 schema
+(``shot``, ``eval.*``); this section only says what the data is and how one sample becomes a tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from common.config import field
+
+
+def default_root() -> str:
+    """``$FSS_DATA`` when set, else ``./datasets`` (the HSNet / detectron2 convention)."""
+    return os.environ.get("FSS_DATA", "./datasets")
+
+
+@dataclass
+class DataConfig:
+    benchmark: str = field(
+        "synthetic", help="pascal5i | coco20i | fss1000 | synthetic (a generated FSS-1000-layout set, the default "
+                          "when no data is given) | the cross-domain sets registered in finetune.data.registry")
+    root: str = field(default_root(), help="dataset root (default: $FSS_DATA, else ./datasets); the benchmark's "
+                                           "folder inside it (VOC2012/, COCO2014/, FSS-1000/) is found automatically")
+    fold: int | str = field(0, help="PASCAL-5i / COCO-20i fold 0-3 (its classes are the test classes); "
+                                    "'all' or -1 = every class (cross-domain source training)")
+    min_pixels: int = field(2048, help="an (image, class) pair is kept only if the class covers at least this many "
+                                       "pixels at original resolution (OSLSM / PFENet: 2*32*32); FSS-1000 uses none")
+    val_fraction: float = field(
+        0.1, help="share of the training list held out (deterministically, by a hash of the image id and "
+                  "data.val_seed) as split 'val': episodes of the *training* classes for model selection; "
+                  "those images leave split 'train'. 0 = the reference list untouched and no 'val' split")
+    val_seed: int = field(0, help="seed of the held-out 'val' selection")
+    coco_year: Literal["auto", "2014", "2017"] = field("auto", help="COCO annotation year (auto: 2014 if present)")
+    fss_classes: dict[str, list[str]] = field(
+        {}, help="FSS layout: split -> class folders, e.g. {train: [a, b], test: [c]}; a split not listed uses "
+                 "its shipped split file (FSS-1000's official test.txt) or, for 'all', every folder")
+    index_only: bool = field(False, help="index masks only (no images needed): counts and checks, no loading")
+    cache_dir: str = field("", help="where filtered indices are cached (default: $XDG_CACHE_HOME/qgnet-fss)")
+    train_size: int = field(473, help="training crop S (8n+1)")
+    eval_size: int = field(473, help="evaluation canvas S (8n+1; pfenet: long side resized to S then floored to "
+                                     "a multiple of 8, hsnet: square resize)")
+    scale: tuple[float, float] = field((0.9, 1.1), help="RandScale range (COCO reference: 0.8-1.25)")
+    rotate: tuple[float, float] = field((-10.0, 10.0), help="RandRotate angle range in degrees (applied with p 0.5)")
+    num_workers: int = field(2, help="training loader workers (episodes and augmentation do not depend on it)")
+    on_bad_sample: Literal["error", "skip"] = field(
+        "error", help="error: a bad file stops the run naming it; skip: the episode is dropped, counted, reported")
+    query_order: Literal["cycle", "random"] = field(
+        "cycle", help="evaluation queries: cycle = walk the image list in order, class drawn among the image's "
+                      "classes (PFENet; FSS-1000 with n=all gives every image once), random = class-uniform (HSNet)")
+    synthetic_classes: int = field(12, help="synthetic set: number of classes (split 8:2:2 into train/val/test "
+                                            "when 12; proportionally otherwise)")
+    synthetic_per_class: int = field(10, help="synthetic set: images per class")
+    synthetic_size: int = field(160, help="synthetic set: image side in pixels")
+    synthetic_seed: int = field(0, help="synthetic set: generation seed (the set is a pure function of it)")
+
+    def validate(self) -> None:
+        """Reject values that cannot work (ValueError naming the key)."""
+        for key in ("train_size", "eval_size"):
+            size = getattr(self, key)
+            if size < 9 or (size - 1) % 8:
+                raise ValueError(f"data.{key}={size} must be 8n+1 (e.g. 473, 401, 97)")
+        if self.fold not in (0, 1, 2, 3, -1, "all"):
+            raise ValueError(f"data.fold={self.fold!r} must be 0-3, -1 or 'all'")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.scale[0] <= 0 or self.scale[0] > self.scale[1]:
+            raise ValueError(f"data.scale={self.scale} must be an increasing pair of positive factors")
+        if self.rotate[0] > self.rotate[1]:
+            raise ValueError(f"data.rotate={self.rotate} must be an increasing pair")
+        if self.min_pixels < 0:
+            raise ValueError(f"data.min_pixels={self.min_pixels} must be >= 0")
+        if self.synthetic_classes < 3 or self.synthetic_per_class < 2:
+            raise ValueError("data.synthetic_classes must be >= 3 and data.synthetic_per_class >= 2")

@@ -1,0 +1,147 @@
+"""Episodes as tensors: a Dataset over an episode list, its collate, and the per-epoch training dataset.
+
+Every random choice of an item (its augmentation) comes from a generator seeded by
+``(seed, epoch, episode_index, slot)``, so a batch is the same whatever ``num_workers`` is. Bad input
+(missing or corrupt file, image / mask size mismatch, label values out of range, a query without its class,
+a support without foreground) raises :class:`~finetune.data.base.DataError` naming the file, or with
+``on_bad_sample='skip'`` the episode is dropped from its batch and listed in ``batch["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.data.base import IGNORE_INDEX, DataError, EpisodeSpec, FewShotBenchmark, Sample
+from finetune.data.episodes import QueryOrder, epoch_episodes
+
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[Tensor, Tensor]]
+STACKED = ("query", "query_mask", "supports", "support_masks", "class_id", "episode_index")
+
+
+class EpisodeDataset(Dataset):
+    """Item ``i`` is episode ``episodes[i]`` loaded and transformed.
+
+    Returns a dict: ``query`` float ``[3, S, S]``, ``query_mask`` int64 ``[S, S]`` in {0, 1, 255},
+    ``supports`` ``[K, 3, S, S]``, ``support_masks`` int64 ``[K, S, S]``, ``class_id``, ``episode_index``,
+    ``query_key``, ``support_keys``, and for evaluation the query's original-resolution mask
+    ``query_mask_orig`` uint8 ``[H0, W0]`` with ``orig_size`` ``(H0, W0)``.
+    """
+
+    def __init__(self, benchmark: FewShotBenchmark, episodes: list[EpisodeSpec], transform: Transform,
+                 shot: int | None = None, seed: int = 0, epoch: int = 0,
+                 on_bad_sample: Literal["error", "skip"] = "error") -> None:
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be error or skip, got {on_bad_sample!r}")
+        wrong = [i for i, e in enumerate(episodes) if shot is not None and len(e.supports) != shot]
+        if wrong:
+            raise ValueError(f"episode {wrong[0]} has {len(episodes[wrong[0]].supports)} supports, expected {shot}")
+        self.benchmark, self.episodes, self.transform = benchmark, episodes, transform
+        self.seed, self.epoch, self.on_bad_sample = seed, epoch, on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            with single_thread():
+                return self.build(index)
+        except DataError as err:
+            if self.on_bad_sample == "error":
+                raise
+            warnings.warn(f"skipped episode {index}: {err}", stacklevel=2)
+            return {"skipped": f"episode {index}: {err}", "episode_index": index}
+
+    def build(self, index: int) -> dict[str, Any]:
+        """Load, check and transform one episode (raises DataError on bad input)."""
+        episode = self.episodes[index]
+        c = episode.class_id
+        image, mask, sample = self.read(episode.query, c, "query")
+        query, query_mask = self.transform(image, mask, self.rng(index, 0))
+        supports, support_masks = [], []
+        for slot, key in enumerate(episode.supports, start=1):
+            s_image, s_mask, _ = self.read(key, c, "support")
+            s_image, s_mask = self.transform(s_image, s_mask, self.rng(index, slot))
+            supports.append(s_image)
+            support_masks.append(s_mask)
+        return {"query": query, "query_mask": query_mask, "supports": torch.stack(supports),
+                "support_masks": torch.stack(support_masks), "class_id": torch.tensor(c),
+                "episode_index": torch.tensor(index), "query_key": episode.query,
+                "support_keys": list(episode.supports), "query_mask_orig": torch.from_numpy(mask),
+                "orig_size": tuple(mask.shape)}
+
+    def read(self, key: str, class_id: int, role: str) -> tuple[np.ndarray, np.ndarray, Sample]:
+        """Load one sample for the class and check what the transforms and the loss rely on."""
+        try:
+            sample = self.benchmark.sample(key)
+        except KeyError:
+            raise DataError(f"{role} key {key!r} is not in {self.benchmark!r}") from None
+        image, mask = self.benchmark.load(sample, class_id)
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != mask.shape:
+            raise DataError(f"{sample.image_path}: image {image.shape} and mask {mask.shape} ({sample.mask_path}) "
+                            f"do not match")
+        values = np.unique(mask)
+        if not set(values.tolist()) <= {0, 1, IGNORE_INDEX}:
+            raise DataError(f"{sample.mask_path}: mask values {values.tolist()} outside {{0, 1, 255}} for class "
+                            f"{class_id}")
+        if not (mask == 1).any():
+            what = "has no pixel of its episode class" if role == "query" else "has no foreground"
+            raise DataError(f"{sample.mask_path}: {role} mask {what} (class {class_id}, "
+                            f"{self.benchmark.class_names.get(class_id, '?')})")
+        return image, np.array(mask, np.uint8), sample  # a writable copy: it becomes query_mask_orig
+
+    def rng(self, index: int, slot: int) -> np.random.Generator:
+        """The generator of one image of one episode: a function of (seed, epoch, episode, slot) only."""
+        return np.random.default_rng([self.seed, self.epoch, index, slot])
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch ops on one thread, as DataLoader workers do: multi-threaded resampling rounds differently in
+    the last bit, and items must not depend on ``num_workers`` (0 = the main process)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the fixed-size fields; keep keys, original masks and sizes as lists; list skipped episodes.
+
+    ``batch["size"]`` is the number of episodes kept (0 when every one was skipped, then nothing is stacked).
+    """
+    kept = [x for x in items if "skipped" not in x]
+    batch: dict[str, Any] = {"size": len(kept), "skipped": [x["skipped"] for x in items if "skipped" in x]}
+    if kept:
+        for name in STACKED:
+            batch[name] = torch.stack([x[name] for x in kept])
+        for name in ("query_key", "support_keys", "query_mask_orig", "orig_size"):
+            batch[name] = [x[name] for x in kept]
+    return batch
+
+
+def make_loader(dataset: EpisodeDataset, batch_size: int, num_workers: int = 0, drop_last: bool = False,
+                pin_memory: bool = False) -> DataLoader:
+    """A sequential loader (episode order is already random) with :func:`collate`."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                      drop_last=drop_last, pin_memory=pin_memory)
+
+
+def epoch_dataset(benchmark: FewShotBenchmark, transform: Transform, shot: int, seed: int, epoch: int,
+                  n_episodes: int = 0, query_order: QueryOrder = "shuffle",
+                  on_bad_sample: Literal["error", "skip"] = "error") -> EpisodeDataset:
+    """The training dataset of one epoch: episodes freshly drawn from ``seed + epoch``, augmentation seeded
+    by (seed, epoch, episode)."""
+    episodes = epoch_episodes(benchmark, shot, seed, epoch, n_episodes, query_order)
+    return EpisodeDataset(benchmark, episodes, transform, shot, seed, epoch, on_bad_sample)

@@ -1,0 +1,180 @@
+"""Frozen, dilated (output stride 8) torchvision backbones with PFENet's layer2/3/4 taps.
+
+Both the feature extractor F and the stage-1 prior extractor F_p are built here (spec §3.1):
+
+* ResNet-18/50/101 from torchvision, optionally with the PSPNet deep stem (three 3x3 convs 64, 64, 128) that
+  PFENet's ``resnet50_v2.pth`` uses. Weights are loaded first, then layers 3 and 4 are dilated explicitly:
+  every 3x3 conv gets stride 1 and dilation = padding = 2 (layer3) or 4 (layer4), the strided 1x1 shortcut
+  gets stride 1. torchvision's ``replace_stride_with_dilation`` keeps dilation 1 in each stage's first
+  block, which is a different network from the reference.
+* MobileNetV2 (light backbone), same surgery on the stride-2 stages after stride 8. Taps:
+  ``layer2`` = features[:7] (32 ch, stride 8), ``layer3`` = features[7:14] (96 ch, dilation 2),
+  ``layer4`` = features[14:19] (1280 ch, dilation 4). layer4 ends with the 1x1 320->1280 conv + ReLU6 so
+  that, like ResNet's post-ReLU layer4, it is non-negative (cosines in [0, 1], masked-out support pixels
+  score the minimum 0) and is the map stage 1 trained on (``net.features``).
+
+With input H = 8n+1 every tap is ``(H-1)/8+1`` pixels high. All parameters are frozen and the taps run
+under ``torch.no_grad()``. BatchNorm follows the module's train/eval mode (the reference: frozen backbones
+still use batch statistics and update running stats while training) unless ``freeze_bn_stats``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from finetune.model.weights import load_into, load_state_dict_file
+
+ARCHS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
+TAP_CHANNELS = {  # (layer2, layer3, layer4)
+    "resnet18": (128, 256, 512),
+    "resnet50": (512, 1024, 2048),
+    "resnet101": (512, 1024, 2048),
+    "mobilenet_v2": (32, 96, 1280),
+}
+CLASSIFIER_KEYS = {"resnet": {"fc.weight", "fc.bias"}, "mobilenet_v2": {"classifier.1.weight", "classifier.1.bias"}}
+
+
+def classifier_keys(arch: str) -> set[str]:
+    """State-dict keys of the ImageNet classifier, which the backbones never use."""
+    return CLASSIFIER_KEYS["resnet" if arch.startswith("resnet") else arch]
+
+
+class FrozenBackbone(nn.Module):
+    """A frozen stride-8 trunk ``layer0 -> layer4``.
+
+    Attributes:
+        arch: torchvision architecture name.
+        layer2_channels, layer3_channels, layer4_channels: channels of the three taps.
+        freeze_bn_stats: keep BatchNorm in eval mode even when the module is in train mode.
+    """
+
+    def __init__(self, arch: str, stages: list[nn.Module], freeze_bn_stats: bool = False) -> None:
+        super().__init__()
+        self.arch = arch
+        self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.layer2_channels, self.layer3_channels, self.layer4_channels = TAP_CHANNELS[arch]
+        self.freeze_bn_stats = freeze_bn_stats
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Set the mode; BatchNorm stays in eval mode when ``freeze_bn_stats``."""
+        super().train(mode)
+        if self.freeze_bn_stats:
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
+
+    @torch.no_grad()
+    def to_layer3(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B,3,H,W] -> (layer2 [B,C2,h,w], layer3 [B,C3,h,w])`` with h = (H-1)/8+1."""
+        x2 = self.layer2(self.layer1(self.layer0(x)))
+        return x2, self.layer3(x2)
+
+    @torch.no_grad()
+    def run_layer4(self, x3: Tensor) -> Tensor:
+        """``layer3 features [B,C3,h,w] -> layer4 [B,C4,h,w]``; the support path feeds masked layer3 here."""
+        return self.layer4(x3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B,3,H,W] -> (layer2, layer3, layer4)``, each ``[B,C,h,w]``, no gradients."""
+        x2, x3 = self.to_layer3(x)
+        return x2, x3, self.run_layer4(x3)
+
+
+def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_stats: bool = False) -> FrozenBackbone:
+    """The feature extractor F.
+
+    Args:
+        name: ``resnet50``, ``resnet101``, ``resnet18`` or ``mobilenet_v2``.
+        weights: path of a torchvision-format state dict (the classifier may be present or not),
+            ``"torchvision"`` (torchvision's IMAGENET1K_V1 weights; downloads) or ``"random"``.
+        deep_stem: ResNet with the PSPNet deep stem (the weights file must have ``conv1..conv3, bn1..bn3``).
+        freeze_bn_stats: BatchNorm always in eval mode.
+    """
+    if name not in ARCHS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {ARCHS}")
+    if deep_stem and name not in ("resnet50", "resnet101"):
+        raise ValueError(f"deep_stem is a ResNet-50/101 option, backbone is {name}")
+    if weights == "torchvision":
+        if deep_stem:
+            raise ValueError("torchvision has no deep-stem ResNet weights")
+        net = getattr(torchvision.models, name)(weights="IMAGENET1K_V1")
+    else:
+        net = _torchvision_net(name, deep_stem)
+        if weights != "random":
+            hint = (f"Put a torchvision-format {name}{' (PSPNet deep-stem)' if deep_stem else ''} ImageNet "
+                    f"state dict (.safetensors or .pth) there, or set model.backbone_weights=<file>, "
+                    f"'torchvision' (needs the network) or 'random'")
+            try:
+                _load(net, name, weights, hint)
+            except ValueError as err:
+                if name.startswith("resnet") and "conv1.weight" in str(err):
+                    raise ValueError(f"{err}. Is model.deep_stem={deep_stem} right for this file?") from err
+                raise
+    return FrozenBackbone(name, _stages(net, name, deep_stem), freeze_bn_stats)
+
+
+def build_prior(path: str, arch: str = "resnet50", freeze_bn_stats: bool = False) -> FrozenBackbone:
+    """The stage-1 prior extractor F_p (torchvision 7x7 stem), loaded from ``pretrain.export``'s file.
+
+    Args:
+        path: the exported state dict; only the classifier may be missing. ``"random"`` = random init.
+        arch: the stage-1 architecture (``resnet50``, ``resnet18``, ``mobilenet_v2``).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown prior architecture {arch!r}; choose one of {ARCHS}")
+    net = _torchvision_net(arch, deep_stem=False)
+    if path != "random":
+        hint = (f"Export a stage-1 {arch} prior there with `python -m pretrain.export RUN_DIR --out {path}`, "
+                "or set model.prior=<file> (model.prior=none trains the PFENet baseline)")
+        _load(net, arch, path, hint)
+    return FrozenBackbone(arch, _stages(net, arch, deep_stem=False), freeze_bn_stats)
+
+
+def _torchvision_net(name: str, deep_stem: bool) -> nn.Module:
+    net = getattr(torchvision.models, name)(weights=None)
+    if deep_stem:  # PSPNet layout: conv1/bn1 .. conv3/bn3 at the top level, layer1 fed 128 channels
+        net.conv1 = nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False)
+        net.conv2 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        net.bn2 = nn.BatchNorm2d(64)
+        net.conv3 = nn.Conv2d(64, 128, 3, padding=1, bias=False)
+        net.bn3 = nn.BatchNorm2d(128)
+        first = net.layer1[0]
+        first.conv1 = nn.Conv2d(128, first.conv1.out_channels, 1, bias=False)
+        first.downsample[0] = nn.Conv2d(128, first.downsample[0].out_channels, 1, bias=False)
+    return net
+
+
+def _load(net: nn.Module, arch: str, path: str, hint: str) -> None:
+    head = classifier_keys(arch)
+    state = {k: v for k, v in load_state_dict_file(path, hint).items() if k not in head}
+    load_into(net, state, expected_missing=head, source=str(Path(path)))
+
+
+def _dilate(stage: nn.Module, dilation: int) -> None:
+    """PFENet surgery: every 3x3 conv -> stride 1, dilation = padding = ``dilation``; strided 1x1 -> stride 1."""
+    for module in stage.modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        if module.kernel_size == (3, 3):
+            module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
+        module.stride = (1, 1)
+
+
+def _stages(net: nn.Module, name: str, deep_stem: bool) -> list[nn.Module]:
+    if name.startswith("resnet"):
+        stem = [net.conv1, net.bn1, nn.ReLU(inplace=True)]
+        if deep_stem:
+            stem += [net.conv2, net.bn2, nn.ReLU(inplace=True), net.conv3, net.bn3, nn.ReLU(inplace=True)]
+        stages = [nn.Sequential(*stem, net.maxpool), net.layer1, net.layer2, net.layer3, net.layer4]
+    else:
+        f = net.features
+        stages = [f[:2], f[2:4], f[4:7], f[7:14], f[14:19]]
+    _dilate(stages[3], 2)
+    _dilate(stages[4], 4)
+    return stages

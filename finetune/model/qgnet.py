@@ -1,0 +1,159 @@
+"""QGNet: PFENet with a query-only prior region map from a frozen self-supervised prior extractor.
+
+Shape walk at 473x473, k shots (spec §3.2); h = (473-1)/8+1 = 60:
+
+    query [B,3,473,473] -> backbone layer2/3/4 [B,512|1024|2048,60,60]
+    bridge Xq = down_query(cat[l3, l2])                              [B,256,60,60]
+    per shot: mask m_i [B,1,60,60]; s4_i = layer4(s3_i * m_i)
+              g_i = weighted_gap(down_supp(cat[s3_i, s2_i]), m_i)    [B,256,1,1]
+              Mg_i = guided_region_map(q4, s4_i * m_i)               [B,1,60,60]
+    k-shot fusion: g = mean_i g_i, Mg = mean_i Mg_i; Mp computed once from the query
+    Mp = prior_region_map(q4, prior l4, down_learn_super, down_learn_unsuper)   [B,1,60,60]
+    FEM([Xq, g, Mg, Mp]) -> logits [B,2,60,60] -> bilinear to [B,2,473,473]
+
+With ``prior: none`` the same code is PFENet (FEM input 513 instead of 514 channels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
+from finetune.model.config import ModelConfig
+from finetune.model.fem import FEM
+from finetune.model.region_maps import guided_region_map, prior_region_map, projection, weighted_gap
+
+
+@dataclass
+class QGNetOutput:
+    """What :class:`QGNet` returns.
+
+    Attributes:
+        logits: ``[B,2,H,W]`` (background, foreground) at the input size.
+        aux_logits: one ``[B,2,b,b]`` per FEM bin.
+        prior_map: ``[B,1,h,w]`` prior region map (carries gradients), None without a prior.
+        guided_map: ``[B,1,h,w]`` guided region map averaged over shots (no gradient).
+    """
+
+    logits: Tensor
+    aux_logits: list[Tensor]
+    prior_map: Tensor | None
+    guided_map: Tensor
+
+
+def _reduce(cin: int, cout: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
+
+
+class QGNet(nn.Module):
+    """Few-shot segmenter: frozen backbone (+ frozen prior) and a trainable PFENet/QGNet head.
+
+    Args:
+        backbone: frozen feature extractor F.
+        prior: frozen prior extractor F_p, or None for the PFENet baseline.
+        bins: FEM bins (absolute or relative).
+        reduce_dim: head channels.
+        dropout: Dropout2d after ``down_query``/``down_supp`` and the prior projections.
+        paper_literal: prior map from raw layer4 cosines (no ``down_learn_*``).
+        sim_chunk: chunk size of the max-cosine (0 = full matrix).
+    """
+
+    def __init__(self, backbone: FrozenBackbone, prior: FrozenBackbone | None, bins: list[float],
+                 reduce_dim: int = 256, dropout: float = 0.5, paper_literal: bool = False,
+                 sim_chunk: int = 0) -> None:
+        super().__init__()
+        self.backbone, self.prior, self.sim_chunk = backbone, prior, sim_chunk
+        bridge_in = backbone.layer2_channels + backbone.layer3_channels
+        self.down_query = _reduce(bridge_in, reduce_dim, dropout)
+        self.down_supp = _reduce(bridge_in, reduce_dim, dropout)
+        self.down_learn_super: nn.Module | None = None
+        self.down_learn_unsuper: nn.Module | None = None
+        if prior is not None and paper_literal and prior.layer4_channels != backbone.layer4_channels:
+            raise ValueError(f"model.paper_literal compares raw layer4 features, but the backbone has "
+                             f"{backbone.layer4_channels} channels and the prior {prior.layer4_channels}")
+        if prior is not None and not paper_literal:
+            self.down_learn_super = projection(backbone.layer4_channels, reduce_dim, dropout)
+            self.down_learn_unsuper = projection(prior.layer4_channels, reduce_dim, dropout)
+        self.fem = FEM(bins, num_maps=1 if prior is None else 2, dim=reduce_dim)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The head's parameters (backbones are frozen): what the optimiser gets."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> QGNetOutput:
+        """Segment the query's foreground class given k annotated supports.
+
+        Args:
+            query: ``[B,3,H,W]`` normalised image, H and W of the form 8n+1.
+            supports: ``[B,K,3,H,W]``.
+            support_masks: ``[B,K,H,W]`` with values {0, 1, 255}; foreground is ``== 1`` (255 counts as
+                background, as in the reference).
+        """
+        shots = _check_inputs(query, supports, support_masks)
+        q2, q3, q4 = self.backbone(query)                                    # [B,C2|C3|C4,h,w]
+        bridge = self.down_query(torch.cat([q3, q2], dim=1))                 # [B,D,h,w]
+        prototypes, guided = [], []
+        for i in range(shots):  # one trunk pass per shot: with train-mode BN, stats are per shot as in PFENet
+            s2, s3 = self.backbone.to_layer3(supports[:, i])
+            fg = (support_masks[:, i] == 1).unsqueeze(1).float()             # [B,1,H,W]
+            mask = F.interpolate(fg, size=s3.shape[-2:], mode="bilinear", align_corners=True)
+            s4 = self.backbone.run_layer4(s3 * mask)
+            guided.append(guided_region_map(q4, s4 * mask, self.sim_chunk))  # [B,1,h,w]
+            prototypes.append(weighted_gap(self.down_supp(torch.cat([s3, s2], dim=1)), mask))  # [B,D,1,1]
+        guided_map = torch.stack(guided).mean(dim=0)
+        maps, prior_map = [guided_map], None
+        if self.prior is not None:
+            p4 = self.prior(query)[2]                                        # [B,C',h,w]
+            prior_map = prior_region_map(q4, p4, self.down_learn_super, self.down_learn_unsuper, self.sim_chunk)
+            maps.append(prior_map)
+        logits, aux = self.fem(bridge, torch.stack(prototypes).mean(dim=0), maps)
+        logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=True)
+        return QGNetOutput(logits=logits, aux_logits=aux, prior_map=prior_map, guided_map=guided_map)
+
+
+def _check_inputs(query: Tensor, supports: Tensor, support_masks: Tensor) -> int:
+    """Validate episode shapes; returns the number of shots."""
+    if query.dim() != 4 or query.shape[1] != 3:
+        raise ValueError(f"query must be [B,3,H,W], got {tuple(query.shape)}")
+    b, _, h, w = query.shape
+    if (h - 1) % 8 or (w - 1) % 8:
+        raise ValueError(f"input height and width must be 8n+1 (e.g. 473, 321, 97), got {h}x{w}")
+    if supports.dim() != 5 or supports.shape[0] != b or supports.shape[2:] != query.shape[1:]:
+        raise ValueError(f"supports must be [B,K,3,H,W] = [{b},K,3,{h},{w}], got {tuple(supports.shape)}")
+    if support_masks.shape != (b, supports.shape[1], h, w):
+        raise ValueError(f"support_masks must be [B,K,H,W] = [{b},{supports.shape[1]},{h},{w}], "
+                         f"got {tuple(support_masks.shape)}")
+    return supports.shape[1]
+
+
+def build_qgnet(cfg: ModelConfig) -> QGNet:
+    """QGNet (or the PFENet baseline when ``cfg.prior == "none"``) from the ``model.*`` config."""
+    backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats)
+    prior = None if cfg.prior == "none" else build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats)
+    return QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk)
+
+
+def qgnet_loss(out: QGNetOutput, target: Tensor, aux_weight: float = 1.0,
+               ignore_index: int = 255) -> tuple[Tensor, dict[str, Tensor]]:
+    """``CE(logits) + aux_weight * mean_j CE(upsampled aux_j)``, pixels equal to ``ignore_index`` ignored.
+
+    Args:
+        out: the model output (logits ``[B,2,H,W]``).
+        target: ``[B,H,W]`` with 0 = background, 1 = foreground, ``ignore_index`` = ignore.
+
+    Returns:
+        the scalar loss and its detached parts ``{"main", "aux"}``.
+    """
+    if out.logits.shape[-2:] != target.shape[-2:]:
+        raise ValueError(f"logits {tuple(out.logits.shape)} and target {tuple(target.shape)} differ in size")
+    target = target.long()
+    main = F.cross_entropy(out.logits, target, ignore_index=ignore_index)
+    aux = torch.stack([
+        F.cross_entropy(F.interpolate(a, size=target.shape[-2:], mode="bilinear", align_corners=True), target,
+                        ignore_index=ignore_index)
+        for a in out.aux_logits]).mean()
+    return main + aux_weight * aux, {"main": main.detach(), "aux": aux.detach()}
