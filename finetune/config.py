@@ -1,0 +1,66 @@
+"""The stage-2 config schema: data and model sections come from their packages, the rest is defined here.
+
+Defaults follow the reference PASCAL-5i recipe (spec §3.4, §5.4); see configs/finetune/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from common.config import field
+from finetune.data.config import DataConfig
+from finetune.model.config import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(0.025, help="effective learning rate: the reference code's 0.0025 times its scale_lr=10 quirk")
+    power: float = field(0.9, help="poly decay lr * (1 - it / max_it) ** power, per iteration")
+    momentum: float = field(0.9, help="SGD momentum")
+    weight_decay: float = field(1e-4, help="SGD weight decay")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = field(4, help="episodes per process per step (reference: 4 on one GPU)")
+    epochs: int = field(200, help="passes; an epoch is train.episodes_per_epoch episodes")
+    episodes_per_epoch: int = field(0, help="0 = one episode per (image, class) pair of the train split")
+    max_steps: int = field(0, help="stop after this many steps (0 = epochs decide)")
+    seed: int = field(321, help="seed of sampling, augmentation and initialisation (reference: 321)")
+    deterministic: bool = field(False, help="deterministic kernels (slower); needed for bit-exact resume checks")
+    checkpoint_every: int = field(500, help="save a checkpoint every N steps (and at the end)")
+    keep_last: int = field(2, help="checkpoints kept (0 = all)")
+    log_every: int = field(20, help="scalars to TensorBoard / metrics.jsonl every N steps")
+    val_every: int = field(2, help="validate every N epochs on the held-out split of the *training* classes "
+                                   "(never the test classes) and keep the best weights (0 = never)")
+    val_episodes: int = field(1000, help="validation episodes")
+    out_dir: str = field("runs/finetune", help="parent folder of run folders")
+    run_name: str = field("", help="run folder name (default: <config stem>_fold<k>_<shot>shot)")
+
+
+@dataclass
+class EvalConfig:
+    protocol: Literal["pfenet", "hsnet"] = field(
+        "pfenet", help="pfenet: aspect-preserving resize + pad, logits upsampled to the original label; "
+                       "hsnet: square resize, scored at the input size")
+    episodes: int = field(1000, help="test episodes per seed (PFENet test.py used 5,000)")
+    seeds: list[int] = field([321], help="one evaluation per seed; reported as mean +- std")
+    shot: int = field(0, help="shots at evaluation (0 = the training shot)")
+    split: Literal["test", "val"] = field("test", help="test: the fold's novel classes")
+    batch_size: int = field(1, help="episodes per forward")
+    num_workers: int = field(2, help="loader workers (episodes do not depend on it)")
+    vis_episodes: int = field(8, help="PNG grids for the first N episodes of the first seed")
+    recall_thresholds: list[float] = field([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+                                           help="region-map recall analysis (paper Table 7); [] = off")
+    out_dir: str = field("", help="where results go (default: <run dir>/eval)")
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(DataConfig())
+    model: ModelConfig = field(ModelConfig())
+    optim: OptimConfig = field(OptimConfig())
+    train: TrainConfig = field(TrainConfig())
+    eval: EvalConfig = field(EvalConfig())
+    shot: int = field(1, help="support images per episode during training")
