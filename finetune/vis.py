@@ -8,25 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import draw_segmentation_masks, make_grid
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+# the stage-2 transforms normalise 0-255 images with ImageNet statistics (PFENet's convention)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
 FG, GT, PRED = "#ffd400", "#00d060", "#ff3355"
 
 
-def to_uint8(image: Tensor, scale255: bool = True) -> Tensor:
-    """``[3,H,W]`` normalised float (0-255 based like PFENet, or 0-1 based) -> uint8 RGB."""
-    image = image.detach().float().cpu()
-    x = image * STD + MEAN if not scale255 else image * (STD * 255) + MEAN * 255
-    if not scale255:
-        x = x * 255
-    return x.clamp(0, 255).round().to(torch.uint8)
+def to_uint8(image: Tensor) -> Tensor:
+    """``[3,H,W]`` normalised float -> uint8 RGB."""
+    return (image.detach().float().cpu() * STD + MEAN).clamp(0, 255).round().to(torch.uint8)
 
 
 def overlay(image: Tensor, mask: Tensor, colour: str, alpha: float = 0.5) -> Tensor:
@@ -43,7 +39,7 @@ def heatmap(region_map: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def episode_row(supports: Tensor, support_masks: Tensor, query: Tensor, target: Tensor, pred: Tensor,
-                prior_map: Tensor | None, guided_map: Tensor | None, scale255: bool = True) -> list[Tensor]:
+                prior_map: Tensor | None, guided_map: Tensor | None) -> list[Tensor]:
     """Panels of one episode, all ``[3,S,S]`` uint8.
 
     Args:
@@ -51,8 +47,8 @@ def episode_row(supports: Tensor, support_masks: Tensor, query: Tensor, target: 
         prior_map / guided_map ``[1,h,w]`` (None when the model has no such map).
     """
     size = tuple(query.shape[-2:])
-    panels = [overlay(to_uint8(s, scale255), m, FG) for s, m in zip(supports, support_masks)]
-    q = to_uint8(query, scale255)
+    panels = [overlay(to_uint8(s), m, FG) for s, m in zip(supports, support_masks)]
+    q = to_uint8(query)
     panels += [q, overlay(q, target, GT), overlay(q, pred, PRED)]
     for region_map in (prior_map, guided_map):
         panels.append(heatmap(region_map, size) if region_map is not None else torch.zeros_like(q))
@@ -80,7 +76,3 @@ def save_grid(rows: list[list[Tensor]], titles: list[str], path: str | Path) -> 
 def column_titles(shot: int) -> str:
     return " | ".join([f"support {i + 1}" for i in range(shot)] + ["query", "ground truth", "prediction",
                                                                    "prior map", "guided map"])
-
-
-def as_numpy_mask(mask: Tensor) -> np.ndarray:
-    return mask.detach().cpu().numpy().astype(np.uint8)

@@ -1,4 +1,4 @@
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
 from typing import Literal
 
 import pytest

@@ -1,0 +1,119 @@
+"""Stage-2 speed: evaluation episodes/s, training s/step, and the head's cost on top of the frozen backbones.
+
+    python benchmarks/bench_finetune.py [--sizes 97 473] [--arch resnet50] [--steps 3] [--batch 4]
+
+For each input size it times, on synthetic tensors (data loading excluded):
+  - eval: one 1-shot episode forward (batch 1, eval mode, no grad) -> episodes/s;
+  - the three frozen backbone passes of that episode alone (query trunk, support trunk with masked layer4,
+    prior trunk) -> the share the head, the two region maps and the FEM decoder add (target: <= 40%);
+  - train: one SGD step (forward + backward + update) at ``--batch`` episodes -> s/step.
+On a CUDA machine it also runs bf16 autocast and reports peak memory; on CPU that part is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common.config import load_config
+from finetune.config import FinetuneConfig
+from finetune.model.qgnet import build_qgnet, qgnet_loss
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_size(arch: str, size: int, steps: int, batch: int, device: torch.device, amp: bool) -> dict[str, float]:
+    bins = "[60,30,15,8]" if size == 473 else "[1.0,0.5,0.25,0.125]"
+    cfg = load_config(FinetuneConfig, None, [f"model.backbone={arch}", "model.backbone_weights=random",
+                                             "model.prior=random", f"model.bins={bins}"])
+    model = build_qgnet(cfg.model).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    g = torch.Generator().manual_seed(0)
+
+    def episode(b: int):
+        q = torch.randn(b, 3, size, size, generator=g).to(device)
+        s = torch.randn(b, 1, 3, size, size, generator=g).to(device)
+        m = (torch.rand(b, 1, size, size, generator=g) > 0.5).long().to(device)
+        t = (torch.rand(b, size, size, generator=g) > 0.5).long().to(device)
+        return q, s, m, t
+
+    q, s, m, _ = episode(1)
+    model.eval()
+    with torch.no_grad(), autocast:
+        full = timed(lambda: model(q, s, m), steps, device)
+
+        def backbones():
+            model.backbone(q)
+            s2, s3 = model.backbone.to_layer3(s[:, 0])
+            mask = torch.nn.functional.interpolate((m[:, 0] == 1).unsqueeze(1).float(), size=s3.shape[-2:],
+                                                   mode="bilinear", align_corners=True)
+            model.backbone.run_layer4(s3 * mask)
+            model.prior(q)
+        trunks = timed(backbones, steps, device)
+
+    model.train()
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9)
+    qb, sb, mb, tb = episode(batch)
+
+    def step():
+        with autocast:
+            loss, _ = qgnet_loss(model(qb, sb, mb), tb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train_s = timed(step, steps, device)
+    out = {"size": size, "eval_episode_s": full, "episodes_per_s": 1 / full, "backbones_s": trunks,
+           "head_share": (full - trunks) / trunks, "train_s_per_step": train_s}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[97, 473])
+    parser.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet101", "mobilenet_v2"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4, help="training episodes per step")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    runs = [("cpu" if not torch.cuda.is_available() else "cuda", False)]
+    if torch.cuda.is_available():
+        runs.append(("cuda", True))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, arch {args.arch} (+ ResNet-50 prior), "
+          f"1-shot, train batch {args.batch}")
+    print("| device | precision | size | eval s/episode | episodes/s | 3 backbone passes s | head+maps+FEM share "
+          "(target <= 40%) | train s/step |" + (" peak GiB |" if torch.cuda.is_available() else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if torch.cuda.is_available() else ""))
+    for dev, amp in runs:
+        for size in args.sizes:
+            r = bench_size(args.arch, size, args.steps, args.batch, torch.device(dev), amp)
+            extra = f" {r['peak_mem_gib']:.1f} |" if "peak_mem_gib" in r else ""
+            verdict = "met" if r["head_share"] <= 0.40 else "MISSED"
+            print(f"| {dev} | {'bf16' if amp else 'fp32'} | {size} | {r['eval_episode_s']:.3f} | "
+                  f"{r['episodes_per_s']:.2f} | {r['backbones_s']:.3f} | {100 * r['head_share']:.0f}% ({verdict}) | "
+                  f"{r['train_s_per_step']:.2f} |{extra}")
+    if not torch.cuda.is_available():
+        print("no CUDA device: the mixed-precision / peak-memory rows were not measured")
+
+
+if __name__ == "__main__":
+    main()
