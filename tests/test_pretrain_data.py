@@ -1,0 +1,84 @@
+"""Stage-1 data: bad input is named (or counted when skipping), samples are a function of (seed, epoch, index)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.config import load_config
+from pretrain.config import PretrainConfig
+from pretrain.data import ImageError, PretrainImages, list_images, prepare_images, scan_images
+
+
+def photo(path: Path, size=(96, 80), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: size[1], : size[0]]
+    img = np.stack([xx * 2 % 256, yy * 3 % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    img[: size[1] // 2] = rng.integers(0, 255, 3)  # two flat halves plus gradients: several superpixels
+    Image.fromarray(img).save(path)
+    return path
+
+
+def cfg_for(root: Path, *extra: str) -> PretrainConfig:
+    return load_config(PretrainConfig, None, ["data.source=folder", f"data.root={root}", "data.num_workers=0",
+                                              "data.min_image_side=32", "superpixels.workers=0",
+                                              "aug.global_size=32", "aug.local_size=32", *extra])
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_images(cfg_for(tmp_path / "nowhere"), tmp_path)
+
+
+def test_bad_images_are_named_or_counted(tmp_path):
+    good = photo(tmp_path / "good.png")
+    photo(tmp_path / "full.jpg")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
+    tiny = photo(tmp_path / "tiny.png", size=(20, 20))
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths = [good, truncated, tiny]
+    with pytest.raises(ImageError, match="truncated.jpg: unreadable image"):
+        scan_images(paths, 32, "error", workers=0, progress=False)
+    report = scan_images(paths, 32, "skip", workers=0, progress=False)
+    assert report.good == [good]
+    reasons = dict(report.bad)
+    assert "unreadable" in reasons[str(truncated)] and "smaller than data.min_image_side" in reasons[str(tiny)]
+
+
+def test_single_superpixel_image_is_bad_input(tmp_path):
+    photo(tmp_path / "ok.png")
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(tmp_path / "flat.png")  # Felzenszwalb: one region
+    cfg = cfg_for(tmp_path, "superpixels.method=felzenszwalb", "superpixels.fh_min_size=20",
+                  f"superpixels.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(Exception, match="flat.png"):
+        prepare_images(cfg, tmp_path, tmp_path / "cache", progress=False)
+    skip = cfg_for(tmp_path, "superpixels.method=felzenszwalb", "superpixels.fh_min_size=20",
+                   "data.on_bad_image=skip")
+    report = prepare_images(skip, tmp_path, tmp_path / "cache", progress=False)
+    assert [p.name for p in report.good] == ["ok.png"] and "flat.png" in report.bad[0][0]
+
+
+@pytest.mark.parametrize("mode", ["patch", "pooled"])
+def test_samples_depend_only_on_seed_epoch_index(tmp_path, mode):
+    for i in range(3):
+        photo(tmp_path / f"{i}.png", seed=i)
+    cfg = cfg_for(tmp_path, f"loss.local_mode={mode}")
+    report = prepare_images(cfg, tmp_path, tmp_path / "cache", progress=False)
+    a = PretrainImages(report.good, cfg, tmp_path / "cache")
+    b = PretrainImages(report.good, cfg, tmp_path / "cache")
+    torch.manual_seed(123)  # the global RNG must not matter
+    first = a[1]
+    torch.manual_seed(7)
+    again = b[1]
+    assert first.keys() == again.keys()
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    b.set_epoch(1)
+    assert not torch.equal(first["view_q"], b[1]["view_q"])  # a new epoch draws new views
+    if mode == "pooled":
+        assert first["labels_q"].shape == (32, 32) and first["labels_q"].dtype == torch.int64
+    else:
+        assert first["patch_q"].shape == (3, 32, 32)
