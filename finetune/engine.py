@@ -149,7 +149,6 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: QGNet, run_dir: 
     if accelerator.is_main_process:  # the last weights, for evaluation without a validation split
         _save_weights(core, run_dir / "last_model.safetensors", {"step": str(step)})
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return TrainResult(step, checkpoint, best_path, best, skipped)
 
 

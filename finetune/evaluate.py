@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     weights = resolve_weights(source)
     run_dir = source if source.is_dir() else weights.parent
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else run_dir / "eval"
-    return run_evaluation(cfg, accelerator, weights, out_dir)
+    results = run_evaluation(cfg, accelerator, weights, out_dir)
+    accelerator.end_training()
+    return results
 
 
 if __name__ == "__main__":

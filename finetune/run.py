@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(f"checkpoint: {result.checkpoint}\nweights evaluated: {weights}"
                       + (f" (best validation mIoU {100 * result.best_val_miou:.2f})" if result.best_weights else ""))
     accelerator.print(f"tensorboard logs: {run_dir / 'finetune'}  (tensorboard --logdir {run_dir})")
-    return run_evaluation(cfg, accelerator, weights, Path(cfg.eval.out_dir) if cfg.eval.out_dir
-                          else run_dir / "eval")
+    results = run_evaluation(cfg, accelerator, weights, Path(cfg.eval.out_dir) if cfg.eval.out_dir
+                             else run_dir / "eval")
+    accelerator.end_training()  # closes the trackers and, with several processes, the process group
+    return results
 
 
 if __name__ == "__main__":

@@ -195,5 +195,4 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
             if step >= total_steps:
                 break
     bar.close()
-    accelerator.end_training()
     return TrainResult(step=step, checkpoint=checkpoint, last_metrics=last)

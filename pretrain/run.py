@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         if cfg.train.export_at_end:
             st, pth = export_prior(result.checkpoint, run_dir / f"prior_{cfg.model.arch}.safetensors", "key")
             accelerator.print(f"exported prior:   {st}\n                  {pth}")
+    accelerator.end_training()  # closes the trackers and, with several processes, the process group
     return result.checkpoint
 
 

@@ -104,3 +104,22 @@ def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+
+def test_two_process_gloo_training_and_sharded_evaluation(prior, data_root, tmp_path):
+    """The same entry point on 2 CPU processes: DDP training, episodes sharded, statistics summed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29537",
+           str(REPO / "finetune" / "run.py"),
+           *overrides(prior, data_root, tmp_path, "train.max_steps=2", "train.val_every=0", "eval.vis_episodes=0")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert results["processes"] == 2 and results["per_seed"][0]["meter"]["episodes"] == 4
+    # the same weights evaluated on one process give the same numbers
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "finetune.evaluate", str(tmp_path / "run"), f"eval.out_dir={single}",
+                    "eval.vis_episodes=0"], check=True, capture_output=True)
+    one = json.loads((single / "results.json").read_text())
+    assert one["per_seed"][0]["meter"] == results["per_seed"][0]["meter"]
