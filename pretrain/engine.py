@@ -49,6 +49,12 @@ def lr_at(cfg: PretrainConfig, peak: float, step: int, total: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
+def make_optimizer(cfg: PretrainConfig, model: MoCoPrior, lr: float) -> torch.optim.SGD:
+    """SGD over the query side only (the key side moves by momentum)."""
+    params = [p for m in model.query_modules() for p in m.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
 def make_queues(cfg: PretrainConfig, device: torch.device) -> dict[str, FeatureQueue]:
     """The global and the local queue, identical on every rank (seeded), on the accelerator."""
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -136,9 +142,7 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
     queues = make_queues(cfg, accelerator.device)
     global_batch = cfg.train.batch_size * world
     peak_lr = scaled_lr(cfg, global_batch)
-    params = [p for m in model.query_modules() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=peak_lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(cfg, model, peak_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     core: MoCoPrior = accelerator.unwrap_model(model)
 

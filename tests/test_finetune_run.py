@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from killing import kill_after_checkpoint
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,16 +86,7 @@ def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, tmp_path):
               "train.keep_last=0", "eval.episodes=2"]
     launch(overrides(prior, data_root, tmp_path / "a", *common))
     killed = launch(overrides(prior, data_root, tmp_path / "b", *common), wait=False)
-    latest = tmp_path / "b/run/checkpoints/latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and killed.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step_0000002":
-            break
-        time.sleep(0.02)
-    was_running = killed.poll() is None
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert was_running, "the run ended before it could be killed"
+    kill_after_checkpoint(killed, tmp_path / "b/run/checkpoints/latest", "step_0000002")
     assert not (tmp_path / "b/run/checkpoints/step_0000008").exists()
     launch(overrides(prior, data_root, tmp_path / "b", *common) + ["--resume", "auto"])
     a = load_file(str(tmp_path / "a/run/last_model.safetensors"))

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from killing import kill_after_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -122,16 +121,7 @@ def test_kill_and_resume_equals_uninterrupted_run(shared_dirs, tmp_path):
     launch(tiny_overrides(shared_dirs, tmp_path / "a", *common))
 
     killed = launch(tiny_overrides(shared_dirs, tmp_path / "b", *common), wait=False)
-    latest = tmp_path / "b/run/checkpoints/latest"
-    deadline = time.time() + 240
-    while time.time() < deadline and killed.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step_0000002":
-            break
-        time.sleep(0.02)
-    was_running = killed.poll() is None
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert was_running, "the run ended before it could be killed; make it longer"
+    kill_after_checkpoint(killed, tmp_path / "b/run/checkpoints/latest", "step_0000002")
     assert not (tmp_path / "b/run/checkpoints/step_0000008").exists()
     launch(tiny_overrides(shared_dirs, tmp_path / "b", *common) + ["--resume", "auto"])
 
