@@ -70,9 +70,15 @@ class MoCoPrior(nn.Module):
             from safetensors.torch import load_file
             state = load_file(m.init_weights) if m.init_weights.endswith(".safetensors") else \
                 torch.load(m.init_weights, map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+            own = self.query_encoder.state_dict()
+            for k, v in state.items():  # SplitBatchNorm keeps one copy of the statistics per split
+                if k in own and k.endswith(("running_mean", "running_var")) and own[k].numel() != v.numel():
+                    state[k] = v.repeat(own[k].numel() // v.numel())
             missing, unexpected = self.query_encoder.load_state_dict(state, strict=False)
-            if unexpected:
-                raise ValueError(f"{m.init_weights}: unexpected keys {sorted(unexpected)[:5]}")
+            if missing or unexpected:  # a partial load would silently train from a half-random network
+                raise ValueError(f"{m.init_weights} does not fit torchvision {m.arch}: missing "
+                                 f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
         self.global_head_q = MoCoProjectionHead(dim, m.head_hidden_dim, m.out_dim)
         self.local_head_q = MoCoProjectionHead(dim, m.head_hidden_dim, m.out_dim)
         self.key_encoder = copy.deepcopy(self.query_encoder)

@@ -92,3 +92,17 @@ def test_split_bn_folds_into_plain_torchvision_resnet():
 def test_shuffle_bn_needs_several_processes():
     with pytest.raises(ValueError, match="several processes"):
         MoCoPrior(tiny("model.bn_mode=shuffle"))
+
+
+def test_init_weights_load_fully_or_fail(tmp_path):
+    from safetensors.torch import save_file
+    import torchvision
+    full = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "r18.safetensors"
+    save_file(full, str(path))
+    model = MoCoPrior(tiny(f"model.init_weights={path}"))  # split BN: statistics repeated per split
+    torch.testing.assert_close(model.query_encoder.conv1.weight, full["conv1.weight"])
+    assert torch.equal(model.key_encoder.layer4[1].conv2.weight, full["layer4.1.conv2.weight"])
+    save_file({k: v for k, v in full.items() if not k.startswith("layer4")}, str(path))
+    with pytest.raises(ValueError, match=r"missing \['layer4"):
+        MoCoPrior(tiny(f"model.init_weights={path}"))
