@@ -1,4 +1,4 @@
-"""Episodes as tensors: a Dataset over an episode list, its collate, and the per-epoch training dataset.
+"""Episodes as tensors: a Dataset over an episode list and its collate.
 
 Every random choice of an item (its augmentation) comes from a generator seeded by
 ``(seed, epoch, episode_index, slot)``, so a batch is the same whatever ``num_workers`` is. Bad input
@@ -19,7 +19,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.base import IGNORE_INDEX, DataError, EpisodeSpec, FewShotBenchmark, Sample
-from finetune.data.episodes import QueryOrder, epoch_episodes
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[Tensor, Tensor]]
 STACKED = ("query", "query_mask", "supports", "support_masks", "class_id", "episode_index")
@@ -136,12 +135,3 @@ def make_loader(dataset: EpisodeDataset, batch_size: int, num_workers: int = 0, 
     """A sequential loader (episode order is already random) with :func:`collate`."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
                       drop_last=drop_last, pin_memory=pin_memory)
-
-
-def epoch_dataset(benchmark: FewShotBenchmark, transform: Transform, shot: int, seed: int, epoch: int,
-                  n_episodes: int = 0, query_order: QueryOrder = "shuffle",
-                  on_bad_sample: Literal["error", "skip"] = "error") -> EpisodeDataset:
-    """The training dataset of one epoch: episodes freshly drawn from ``seed + epoch``, augmentation seeded
-    by (seed, epoch, episode)."""
-    episodes = epoch_episodes(benchmark, shot, seed, epoch, n_episodes, query_order)
-    return EpisodeDataset(benchmark, episodes, transform, shot, seed, epoch, on_bad_sample)
