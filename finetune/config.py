@@ -15,10 +15,13 @@ from finetune.model.config import ModelConfig
 
 @dataclass
 class OptimConfig:
+    name: Literal["sgd", "adamw"] = field(
+        "sgd", help="sgd: the reference optimiser; adamw: for short CPU runs, where the reference SGD schedule "
+                    "sits at chance for the first few hundred steps (the PFENet head has no BatchNorm)")
     lr: float = field(0.025, help="effective learning rate: the reference code's 0.0025 times its scale_lr=10 quirk")
     power: float = field(0.9, help="poly decay lr * (1 - it / max_it) ** power, per iteration")
-    momentum: float = field(0.9, help="SGD momentum")
-    weight_decay: float = field(1e-4, help="SGD weight decay")
+    momentum: float = field(0.9, help="SGD momentum (ignored by adamw)")
+    weight_decay: float = field(1e-4, help="weight decay (SGD's L2 term; AdamW's decoupled decay)")
 
 
 @dataclass

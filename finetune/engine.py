@@ -56,6 +56,14 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / max(total, 1)) ** power
 
 
+def make_optimizer(cfg: FinetuneConfig, model: QGNet) -> torch.optim.Optimizer:
+    """The ``optim.*`` optimiser over the head's parameters (the lr is then set per step by :func:`poly_lr`)."""
+    params, o = model.trainable_parameters(), cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -73,8 +81,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: QGNet, run_dir: 
                          "processes; lower train.batch_size or raise train.episodes_per_epoch")
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
 
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     core: QGNet = accelerator.unwrap_model(model)
     step, best, checkpoint = 0, -1.0, None
