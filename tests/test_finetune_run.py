@@ -127,3 +127,29 @@ def test_smoke_config_learns_on_real_pets(prior, shared_data, mobilenet_weights,
     assert sum(losses[-6:]) / 6 < sum(losses[:3]) / 3 - 0.02, losses  # chance is log 2 = 0.693
     results = json.loads((tmp_path / "smoke/eval/results.json").read_text())
     assert results["miou_mean"] > 0.35 and results["fbiou_mean"] > 0.42, results
+
+
+def test_cross_domain_script_collects_one_table(shared_data, mobilenet_weights, tmp_path):
+    """launch/eval_cross_domain.sh on the real chest X-ray and Kvasir samples: two calls, one table."""
+    real = [f"model.backbone_weights={mobilenet_weights}", "model.prior=none", "model.reduce_dim=16"]
+    launch(["--config", str(REPO / "configs/finetune/smoke_cd-source_fss-mini_mnv2.yaml"), *real,
+            f"data.root={shared_data / 'fss-mini'}", "data.num_workers=0", "train.max_steps=2",
+            f"train.out_dir={tmp_path}", "train.run_name=src", "eval.episodes=2", "eval.seeds=[0]",
+            "eval.vis_episodes=0", "eval.num_workers=0"])
+    run = tmp_path / "src"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CD_CONFIG_PREFIX": str(REPO / "configs/finetune/smoke_cd-target_"),
+           "CD_SEEDS": "[0,1]"}
+    extra = [*real, f"data.root={shared_data / 'cdfss-samples'}", "eval.episodes=2", "eval.vis_episodes=1",
+             "eval.num_workers=0"]
+    for targets, shots in (("chest_xray kvasir", "1"), ("chest_xray", "5")):
+        proc = subprocess.run(["bash", str(REPO / "launch/eval_cross_domain.sh"), str(run), *extra], cwd=REPO,
+                              env={**env, "CD_TARGETS": targets, "CD_SHOTS": shots}, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    table = (run / "eval_cross_domain/table.md").read_text().splitlines()
+    assert table[0] == "| shot | benchmark chest_xray | benchmark kvasir | mean |"
+    assert table[2].startswith("| 1-shot | ") and table[3].startswith("| 5-shot | ") and " - |" in table[3]
+    for name in ("chest_xray_1shot", "kvasir_1shot", "chest_xray_5shot"):
+        out = run / "eval_cross_domain" / name
+        assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
+        assert list(out.glob("grid_*.png"))
