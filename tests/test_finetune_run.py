@@ -153,3 +153,21 @@ def test_cross_domain_script_collects_one_table(shared_data, mobilenet_weights, 
         out = run / "eval_cross_domain" / name
         assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
         assert list(out.glob("grid_*.png"))
+
+
+def test_fold_script_trains_each_fold_and_tables_them(prior, data_root, tmp_path):
+    """launch/finetune_folds.sh through `accelerate launch` (the CLI on PATH), two folds, one table."""
+    keep = [o for o in overrides(prior, data_root, tmp_path) if not o.startswith(("train.out_dir", "train.run_name",
+                                                                                 "model.prior"))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FOLDS": "0 1", "OUT_DIR": str(tmp_path),
+           "ACCELERATE_CONFIG_FILE": str(REPO / "launch/accelerate/cpu.yaml"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    script, config = REPO / "launch/finetune_folds.sh", REPO / "configs/finetune/quickstart_cpu.yaml"
+    proc = subprocess.run(["bash", str(script), str(config), str(prior), "1", *keep, "train.max_steps=1",
+                           "train.val_every=0"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for fold in (0, 1):
+        results = json.loads((tmp_path / f"quickstart_cpu_fold{fold}_1shot/eval/results.json").read_text())
+        assert results["fold"] == str(fold) and results["shot"] == 1
+    table = (tmp_path / "quickstart_cpu_1shot_folds.md").read_text().splitlines()
+    assert table[0] == "| shot | fold 0 | fold 1 | mean |" and table[2].startswith("| 1-shot | ")
