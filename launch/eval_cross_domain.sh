@@ -4,15 +4,16 @@
 # Data roots: $FSS_DATA/{FSS-1000,ISIC,LungSegmentation,Deepglobe} (see README, "Cross-domain").
 # Environment knobs (defaults = the PATNet protocol):
 #   CD_TARGETS="fss1000 isic chest_xray deepglobe"  CD_SHOTS="1 5"  CD_SEEDS="[0,1,2,3,4]"
-#   CD_CONFIG_PREFIX=configs/finetune/cdfss_   (each target's config is ${CD_CONFIG_PREFIX}<target>.yaml)
+#   CD_CONFIG_PREFIX=<repo>/configs/finetune/cdfss_   (each target's config is ${CD_CONFIG_PREFIX}<target>.yaml)
 # The table collects every results.json under <run>/eval_cross_domain/, so calls for different targets or shots
 # add up to one table.
 set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ckpt=${1:?run dir or checkpoint}; shift
 targets=${CD_TARGETS:-fss1000 isic chest_xray deepglobe}
 shots=${CD_SHOTS:-1 5}
 seeds=${CD_SEEDS:-[0,1,2,3,4]}
-prefix=${CD_CONFIG_PREFIX:-configs/finetune/cdfss_}
+prefix=${CD_CONFIG_PREFIX:-$repo/configs/finetune/cdfss_}
 for target in $targets; do
   for shot in $shots; do
     python -m finetune.evaluate "$ckpt" --config "${prefix}${target}.yaml" \
