@@ -345,6 +345,21 @@ def test_train_transform_shapes_and_determinism():
         EvalTransform(400, "hsnet")
 
 
+def test_train_long_side_resizes_the_whole_image_before_the_crop():
+    """A 320x160 image with its left half foreground, long side 33: the whole image is 33x16 (no crop needed),
+    centred in a 33x33 canvas padded with 255; without the option the crop would be a 33x33 patch of it."""
+    image = np.zeros((160, 320, 3), np.uint8)
+    mask = np.zeros((160, 320), np.uint8)
+    mask[:, :160] = 1
+    tf = TrainTransform(33, scale=(1.0, 1.0), rotate=(0.0, 0.0), long_side=33)
+    _, lab = tf(image, mask, np.random.default_rng(0))
+    content = lab[lab != 255]
+    assert int((lab == 255).sum()) == 33 * 33 - 16 * 33 and content.numel() == 16 * 33
+    assert abs(float((content == 1).float().mean()) - 0.5) < 0.05
+    _, patch = TrainTransform(33, scale=(1.0, 1.0), rotate=(0.0, 0.0))(image, mask, np.random.default_rng(0))
+    assert not (patch == 255).any()
+
+
 def test_train_crop_redraws_to_keep_the_foreground():
     image = np.zeros((120, 120, 3), np.uint8)
     mask = np.zeros((120, 120), np.uint8)

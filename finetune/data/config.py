@@ -41,6 +41,10 @@ class DataConfig:
     index_only: bool = field(False, help="index masks only (no images needed): counts and checks, no loading")
     cache_dir: str = field("", help="where filtered indices are cached (default: $XDG_CACHE_HOME/qgnet-fss)")
     train_size: int = field(473, help="training crop S (8n+1)")
+    train_long_side: int = field(
+        0, help="0 = augment images at their own resolution (reference); >0 = first resize so the long side is "
+                "this many pixels. Set it to about eval_size when the crop is much smaller than the images, or "
+                "training sees objects zoomed in relative to the resized evaluation images")
     eval_size: int = field(473, help="evaluation canvas S (8n+1; pfenet: long side resized to S then floored to "
                                      "a multiple of 8, hsnet: square resize)")
     scale: tuple[float, float] = field((0.9, 1.1), help="RandScale range (COCO reference: 0.8-1.25)")
@@ -71,6 +75,8 @@ class DataConfig:
             raise ValueError(f"data.scale={self.scale} must be an increasing pair of positive factors")
         if self.rotate[0] > self.rotate[1]:
             raise ValueError(f"data.rotate={self.rotate} must be an increasing pair")
+        if self.train_long_side < 0:
+            raise ValueError(f"data.train_long_side={self.train_long_side} must be >= 0 (0 = off)")
         if self.min_pixels < 0:
             raise ValueError(f"data.min_pixels={self.min_pixels} must be >= 0")
         if self.synthetic_classes < 3 or self.synthetic_per_class < 2:

@@ -45,21 +45,25 @@ def normalise(image: Tensor) -> Tensor:
 class TrainTransform:
     """PFENet training augmentation, applied independently to the query and to each support.
 
-    RandScale U[scale] (image bilinear, mask nearest); with p .5 RandRotate U[rotate] degrees (image padded
+    Optionally a resize to ``long_side`` first (folded into the same resize); RandScale U[scale] (image
+    bilinear, mask nearest); with p .5 RandRotate U[rotate] degrees (image padded
     with the mean, mask with 255); with p .5 a 5x5 Gaussian blur; with p .5 a horizontal flip; then a random
     ``size`` crop (centre-padded first when smaller; re-drawn up to 30 times while it keeps under 85% of the
     foreground); ToTensor and normalisation.
     """
 
     def __init__(self, size: int = 473, scale: tuple[float, float] = (0.9, 1.1),
-                 rotate: tuple[float, float] = (-10.0, 10.0), fg_keep: float = 0.85, redraws: int = 30) -> None:
-        self.size, self.scale, self.rotate = check_size(size), scale, rotate
+                 rotate: tuple[float, float] = (-10.0, 10.0), fg_keep: float = 0.85, redraws: int = 30,
+                 long_side: int = 0) -> None:
+        self.size, self.scale, self.rotate, self.long_side = check_size(size), scale, rotate, long_side
         self.fg_keep, self.redraws = fg_keep, redraws
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         """uint8 ``[H, W, 3]``, ``[H, W]`` -> float ``[3, S, S]``, int64 ``[S, S]``."""
         img, lab = to_tensors(image, mask)
         s = rng.uniform(*self.scale)
+        if self.long_side:
+            s *= self.long_side / max(lab.shape[1:])
         h, w = max(1, round(lab.shape[1] * s)), max(1, round(lab.shape[2] * s))
         img = F.resize(img, [h, w], InterpolationMode.BILINEAR, antialias=False)
         lab = F.resize(lab, [h, w], InterpolationMode.NEAREST)
@@ -135,5 +139,5 @@ def build_transform(cfg: DataConfig, train: bool, protocol: Literal["pfenet", "h
                     ) -> TrainTransform | EvalTransform:
     """The training augmentation, or the evaluation resize of ``protocol``, with the sizes of ``cfg``."""
     if train:
-        return TrainTransform(cfg.train_size, tuple(cfg.scale), tuple(cfg.rotate))
+        return TrainTransform(cfg.train_size, tuple(cfg.scale), tuple(cfg.rotate), long_side=cfg.train_long_side)
     return EvalTransform(cfg.eval_size, protocol)
