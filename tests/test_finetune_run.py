@@ -116,17 +116,17 @@ def test_two_process_gloo_training_and_sharded_evaluation(prior, data_root, tmp_
 
 
 def test_smoke_config_learns_on_real_pets(prior, shared_data, mobilenet_weights, tmp_path):
-    """The smoke config on real photos with real ImageNet weights, cut to 60 steps: it must beat both trivial
+    """The smoke config on real photos with real ImageNet weights, cut to 100 steps: it must clearly beat both trivial
     answers. Predicting all foreground on Bengal scores mIoU ~30 / FB-IoU ~20, all background 0 / ~30."""
     launch(["--config", str(REPO / "configs/finetune/smoke_fss-mini_mnv2.yaml"),
             f"data.root={shared_data / 'fss-mini'}", f"model.backbone_weights={mobilenet_weights}",
-            f"model.prior={prior}", "data.num_workers=0", "train.max_steps=60", "train.val_every=0",
+            f"model.prior={prior}", "data.num_workers=0", "train.max_steps=100", "train.val_every=0",
             "train.log_every=5", f"train.out_dir={tmp_path}", "train.run_name=smoke", "eval.episodes=20",
             "eval.seeds=[0]", "eval.vis_episodes=0", "eval.num_workers=0"])
     losses = [json.loads(x)["loss/main"] for x in (tmp_path / "smoke/metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-6:]) / 6 < sum(losses[:3]) / 3 - 0.02, losses  # chance is log 2 = 0.693
     results = json.loads((tmp_path / "smoke/eval/results.json").read_text())
-    assert results["miou_mean"] > 0.35 and results["fbiou_mean"] > 0.42, results
+    assert results["miou_mean"] > 0.42 and results["fbiou_mean"] > 0.5, results  # measured: 0.51 / 0.64
 
 
 def test_cross_domain_script_collects_one_table(shared_data, mobilenet_weights, tmp_path):
