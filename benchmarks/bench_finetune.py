@@ -20,7 +20,7 @@ import torch
 
 from common.config import load_config
 from finetune.config import FinetuneConfig
-from finetune.model.qgnet import build_qgnet, qgnet_loss
+from finetune.methods.qgnet import build_qgnet, qgnet_loss
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:

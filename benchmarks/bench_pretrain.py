@@ -47,13 +47,14 @@ from accelerate import Accelerator
 from torch.utils.data import default_collate
 
 from common.config import load_config, replace
+from common.images import read_rgb
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainImages, list_images
 from pretrain.engine import make_optimizer, make_queues, scaled_lr, train_step
 from pretrain.losses import info_nce
 from pretrain.model import MoCoPrior
 from queues.feature_queue import FeatureQueue
-from superpixels.cache import precompute, read_rgb
+from superpixels.cache import precompute
 from superpixels.segment import SuperpixelConfig, compute_superpixels
 
 VARIANTS = {  # name -> loss overrides

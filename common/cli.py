@@ -1,13 +1,22 @@
-"""The shared command line of both stages: ``--config FILE key.sub=value ... [--resume auto|DIR]``."""
+"""The shared command line of both stages: ``--config FILE key.sub=value ... [--resume auto|DIR]``, and how
+entry points report errors of the user's input (the message alone; ``QGNET_DEBUG=1`` adds the traceback)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Iterator, TypeVar
 
+from common.checkpoint import CheckpointError
 from common.config import ConfigError, describe, load_config
+from common.errors import InputError
+
+# what a user can fix from the message: bad config, data, weights, checkpoints, paths, values
+USER_ERRORS = (InputError, ConfigError, CheckpointError, FileNotFoundError, ValueError)
 
 T = TypeVar("T")
 
@@ -43,3 +52,18 @@ def parse_run_args(schema: type[T], argv: list[str] | None, prog: str, default_c
     except ConfigError as err:
         parser.error(str(err))
     return Invocation(cfg=cfg, config_path=path, resume=args.resume)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn an error of the user's input into ``error: <message>`` on stderr and exit status 2.
+
+    Other exceptions (bugs) keep their traceback; ``QGNET_DEBUG=1`` keeps it for every error.
+    """
+    try:
+        yield
+    except USER_ERRORS as err:
+        if os.environ.get("QGNET_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

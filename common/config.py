@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from common.io import write_text
+
 T = TypeVar("T")
 
 BASE_KEY = "base"
@@ -119,12 +121,7 @@ def dump_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config next to a run's outputs so the run can be reproduced from it alone."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dump_yaml(cfg))
-    tmp.replace(path)
-    return path
+    return write_text(path, dump_yaml(cfg))
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, bool | int | float | str]:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from common.io import write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,35 @@ class MetricsLog:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the rows logged after ``step`` (call on resume from a checkpoint at ``step``); return how many.
+
+        Rows whose numeric ``step`` is > ``step`` are removed; rows without one (or lines that are not JSON
+        objects) are kept as they are, except an unterminated, unparseable last line - a write cut short when
+        the run was killed - which is dropped and counted. The file is rewritten atomically (tmp + rename) and
+        only when something is dropped. Does nothing (returns 0) when disabled or when the file does not exist.
+        """
+        if not self.enabled or not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept, dropped = [], 0
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1 and not line.endswith("\n"):
+                    dropped += 1  # half-written by a killed run
+                    continue
+                row = None
+            value = row.get("step") if isinstance(row, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > step:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            write_text(self.path, "".join(kept))
+        return dropped
+
 
 def markdown_table(header: list[str], rows: Iterable[Iterable[Any]], floatfmt: str = ".2f") -> str:
     """GitHub-flavoured table; floats formatted with ``floatfmt``."""
@@ -59,13 +90,3 @@ def markdown_table(header: list[str], rows: Iterable[Iterable[Any]], floatfmt: s
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (tmp + rename) so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path

@@ -1,6 +1,8 @@
-"""The stage-2 config schema: data and model sections come from their packages, the rest is defined here.
+"""The stage-2 config schema: ``data.*`` comes from :mod:`fewshot.data.config`, ``model.*`` from
+:mod:`finetune.model.config`; optimiser, training and evaluation keys are defined here.
 
-Defaults follow the reference PASCAL-5i recipe (spec §3.4, §5.4); see configs/finetune/.
+Defaults follow the reference PASCAL-5i recipe (PFENet's training schedule, QGNet's evaluation); see
+configs/finetune/.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common.config import field
-from finetune.data.config import DataConfig
+from common.run import check_trackers
+from fewshot.data.config import DataConfig
+from fewshot.evaluate import EvalSpec
 from finetune.model.config import ModelConfig
 
 
@@ -38,8 +42,24 @@ class TrainConfig:
     val_every: int = field(2, help="validate every N epochs on the held-out split of the *training* classes "
                                    "(never the test classes) and keep the best weights (0 = never)")
     val_episodes: int = field(1000, help="validation episodes")
+    max_skipped: float = field(0.1, help="with data.on_bad_sample=skip: the run fails when more than this share "
+                                         "of its training episodes was skipped as bad input")
+    trackers: list[str] = field(["tensorboard"], help="accelerate trackers (log_with): tensorboard, wandb, mlflow, "
+                                                     "aim, comet_ml, clearml, dvclive when installed; [] = none")
     out_dir: str = field("runs/finetune", help="parent folder of run folders")
     run_name: str = field("", help="run folder name (default: <config stem>_fold<k>_<shot>shot)")
+
+    def validate(self) -> None:
+        """Reject values that cannot work (ValueError naming the key)."""
+        for key in ("batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        for key in ("epochs", "episodes_per_epoch", "max_steps", "val_every", "val_episodes", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if not 0.0 <= self.max_skipped < 1.0:
+            raise ValueError(f"train.max_skipped={self.max_skipped} must be in [0, 1)")
+        check_trackers(self.trackers)
 
 
 @dataclass
@@ -56,7 +76,20 @@ class EvalConfig:
     vis_episodes: int = field(8, help="PNG grids for the first N episodes of the first seed")
     recall_thresholds: list[float] = field([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
                                            help="region-map recall analysis (paper Table 7); [] = off")
+    max_skipped: float = field(0.1, help="with data.on_bad_sample=skip: an evaluation with a larger share of "
+                                         "skipped (bad) episodes is an error, never a number")
+    episodes_file: str = field("", help="evaluate exactly the episodes of this saved list (an episodes_*.json "
+                                        "written next to earlier results) instead of drawing them")
     out_dir: str = field("", help="where results go (default: <run dir>/eval)")
+
+    def validate(self) -> None:
+        """Reject values that cannot work (ValueError naming the key)."""
+        if self.episodes < 0 or self.shot < 0 or self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("eval.episodes and eval.shot must be >= 0, eval.batch_size >= 1, eval.num_workers >= 0")
+        if not self.seeds:
+            raise ValueError("eval.seeds must list at least one seed")
+        if not 0.0 <= self.max_skipped < 1.0:
+            raise ValueError(f"eval.max_skipped={self.max_skipped} must be in [0, 1)")
 
 
 @dataclass
@@ -67,3 +100,15 @@ class FinetuneConfig:
     train: TrainConfig = field(TrainConfig())
     eval: EvalConfig = field(EvalConfig())
     shot: int = field(1, help="support images per episode during training")
+
+    def validate(self) -> None:
+        if self.shot < 1:
+            raise ValueError(f"shot={self.shot} must be >= 1")
+
+
+def eval_spec(cfg: FinetuneConfig) -> EvalSpec:
+    """The evaluation protocol the config asks for (``eval.*`` with the data's size, order and bad-input rule)."""
+    ec = cfg.eval
+    return EvalSpec(shot=ec.shot or cfg.shot, episodes=ec.episodes, protocol=ec.protocol, size=cfg.data.eval_size,
+                    query_order=cfg.data.query_order, on_bad_sample=cfg.data.on_bad_sample,
+                    max_skipped=ec.max_skipped, batch_size=ec.batch_size, num_workers=ec.num_workers)

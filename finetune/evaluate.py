@@ -1,11 +1,13 @@
-"""Evaluate a trained segmenter with the fixed protocol; results as JSON + markdown, episodes as PNG grids.
+"""Evaluate a method with the fixed protocol; results as JSON + markdown, episodes as PNG grids.
 
     python -m finetune.evaluate RUN_DIR_or_WEIGHTS [--config FILE] [key.sub=value ...]
+    python -m finetune.evaluate --config FILE model.method=prototype [key.sub=value ...]   # training-free
     accelerate launch -m finetune.evaluate RUN_DIR ...            # episodes sharded over processes
 
 RUN_DIR uses its ``best_model.safetensors`` (chosen on the validation split of the training classes) or, if the
-run had no validation, ``last_model.safetensors``; its ``config.yaml`` is the default config. Typical overrides:
-``data.fold=0 eval.shot=5 eval.seeds=[321,322,323] eval.episodes=5000 eval.protocol=hsnet``.
+run had no validation, ``last_model.safetensors``; the ``config.yaml`` of the run folder (also of the folder a
+weights file sits in) is the default config. A training-free method needs no weights at all. Typical
+overrides: ``data.fold=0 eval.shot=5 eval.seeds=[321,322,323] eval.episodes=5000 eval.protocol=hsnet``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
-from common.cli import parse_run_args
+from common.cli import parse_run_args, user_errors
 from common.config import save_config
-from finetune.config import FinetuneConfig
-from finetune.data.registry import build_benchmark
-from finetune.engine import BEST, evaluate_seeds
-from finetune.model.qgnet import QGNet, build_qgnet
+from common.errors import WeightsError
+from common.weights import load_state_dict_file
+from fewshot.data.base import FewShotBenchmark
+from fewshot.data.episodes import load_episodes
+from fewshot.data.registry import build_benchmark
+from fewshot.evaluate import check_episodes, evaluate_seeds
+from finetune.config import FinetuneConfig, eval_spec
+from finetune.engine import BEST, LAST
+from finetune.methods import FewShotMethod, build_method
 
 
 def resolve_weights(source: str | Path) -> Path:
@@ -30,35 +36,49 @@ def resolve_weights(source: str | Path) -> Path:
     source = Path(source)
     if source.is_file():
         return source
-    for name in (BEST, "last_model.safetensors"):
+    for name in (BEST, LAST):
         if (source / name).is_file():
             return source / name
-    raise FileNotFoundError(f"{source}: neither a .safetensors weights file nor a run folder with {BEST} or "
-                            "last_model.safetensors")
+    raise WeightsError(f"{source}: neither a .safetensors weights file nor a run folder with {BEST} or {LAST}")
 
 
-def load_model(cfg: FinetuneConfig, weights: Path) -> QGNet:
-    """Build the model from ``cfg.model`` and load trained weights (safetensors: no pickled code runs)."""
-    model = build_qgnet(cfg.model)
-    state = load_file(str(weights))
+def load_weights(model: FewShotMethod, weights: Path) -> FewShotMethod:
+    """Load trained weights into ``model`` (safetensors or weights-only pickles: no code runs); exact keys."""
+    state = load_state_dict_file(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{weights} does not fit model.* of the config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]} (check model.backbone / model.prior)")
+        raise WeightsError(f"{weights} does not fit model.* of the config: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]} (check model.method / model.backbone / model.prior)")
     return model
 
 
-def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, weights: Path, out_dir: Path) -> dict:
-    """Evaluate ``weights`` on the configured split with every seed; returns the results dict."""
-    model = load_model(cfg, weights).to(accelerator.device)
+def check_eval_split(cfg: FinetuneConfig) -> FewShotBenchmark:
+    """Index the split the run will be evaluated on and read every pair its episodes use (bad data fails now)."""
     benchmark = build_benchmark(cfg.data, cfg.eval.split)
+    episodes = load_episodes(cfg.eval.episodes_file) if cfg.eval.episodes_file else None
+    check_episodes(benchmark, eval_spec(cfg), list(cfg.eval.seeds), episodes)
+    return benchmark
+
+
+def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, benchmark: FewShotBenchmark,
+                   out_dir: Path, checkpoint: str, weights: Path | None = None) -> dict:
+    """Evaluate ``model`` (with ``weights`` loaded, if given) on ``benchmark`` with every seed; returns results."""
+    if weights is not None:
+        load_weights(accelerator.unwrap_model(model), weights)
+    model = accelerator.unwrap_model(model).to(accelerator.device)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    results = evaluate_seeds(model, cfg, accelerator, benchmark, out_dir, str(weights))
+    spec = eval_spec(cfg)
+    episodes = load_episodes(cfg.eval.episodes_file) if cfg.eval.episodes_file else None
+    meta = {"method": cfg.model.method, "benchmark": cfg.data.benchmark, "fold": str(cfg.data.fold),
+            "checkpoint": checkpoint, **({"episodes_file": cfg.eval.episodes_file} if episodes else {})}
+    results = evaluate_seeds(model, benchmark, spec, list(cfg.eval.seeds), accelerator, out_dir, meta,
+                             cfg.eval.vis_episodes, cfg.eval.recall_thresholds, episodes)
     n = len(results["seeds"])
-    accelerator.print(f"{cfg.data.benchmark} fold {cfg.data.fold} {results['shot']}-shot ({results['protocol']}, "
-                      f"{results['episodes']} episodes x {n} seeds): mIoU {100 * results['miou_mean']:.2f}"
+    accelerator.print(f"{cfg.model.method} on {cfg.data.benchmark} fold {cfg.data.fold} {results['shot']}-shot "
+                      f"({results['protocol']}, {results['episodes']} episodes x {n} seeds): "
+                      f"mIoU {100 * results['miou_mean']:.2f}"
                       + (f" ± {100 * results['miou_std']:.2f}" if n > 1 else "")
                       + f", FB-IoU {100 * results['fbiou_mean']:.2f}")
     accelerator.print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}; "
@@ -68,23 +88,33 @@ def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, weights: Path,
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m finetune.evaluate RUN_DIR_or_WEIGHTS [--config FILE] [key=value ...]")
-    source, rest = Path(argv[0]), argv[1:]
-    default_config = source / "config.yaml" if source.is_dir() else None
-    inv = parse_run_args(FinetuneConfig, rest, prog="python -m finetune.evaluate", default_config=default_config,
+    source = Path(argv.pop(0)) if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
+    run_dir = None if source is None else source if source.is_dir() else source.parent
+    default_config = run_dir / "config.yaml" if run_dir is not None and (run_dir / "config.yaml").is_file() else None
+    inv = parse_run_args(FinetuneConfig, argv, prog="python -m finetune.evaluate", default_config=default_config,
                          description=__doc__)
     cfg = inv.cfg
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     accelerator = Accelerator()
-    weights = resolve_weights(source)
-    run_dir = source if source.is_dir() else weights.parent
-    out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else run_dir / "eval"
-    results = run_evaluation(cfg, accelerator, weights, out_dir)
+    model = build_method(cfg.model)
+    weights = resolve_weights(source) if source is not None else None
+    if weights is None and model.trains:
+        raise WeightsError(f"model.method={cfg.model.method} has trained parameters: give a run folder or a weights "
+                           "file (python -m finetune.evaluate RUN_DIR ...)")
+    if cfg.eval.out_dir:
+        out_dir = Path(cfg.eval.out_dir)
+    elif run_dir is not None:
+        out_dir = run_dir / "eval"
+    else:
+        out_dir = Path(cfg.train.out_dir) / f"{cfg.model.method}_{cfg.data.benchmark}_fold{cfg.data.fold}" / "eval"
+    benchmark = check_eval_split(cfg)
+    results = run_evaluation(cfg, accelerator, model, benchmark, out_dir,
+                             str(weights) if weights else "none (training-free)", weights)
     accelerator.end_training()
     return results
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

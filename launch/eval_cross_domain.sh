@@ -20,5 +20,5 @@ for target in $targets; do
       eval.shot="$shot" eval.seeds="$seeds" eval.out_dir="$ckpt/eval_cross_domain/${target}_${shot}shot" "$@"
   done
 done
-python -m finetune.report "$ckpt"/eval_cross_domain/*/results.json --by benchmark \
+python -m fewshot.report "$ckpt"/eval_cross_domain/*/results.json --by benchmark \
   --out "$ckpt/eval_cross_domain/table.md"

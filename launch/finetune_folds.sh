@@ -19,4 +19,4 @@ for fold in ${FOLDS:-0 1 2 3}; do
     data.fold="$fold" shot="$shot" model.prior="$prior" train.out_dir="$out" train.run_name="$name" "$@"
   results+=("$out/$name/eval/results.json")
 done
-python -m finetune.report "${results[@]}" --by fold --out "$out/${stem}_${shot}shot_folds.md"
+python -m fewshot.report "${results[@]}" --by fold --out "$out/${stem}_${shot}shot_folds.md"

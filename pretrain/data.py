@@ -7,7 +7,6 @@ are never computed here: they are read from the on-disk cache that :func:`prepar
 
 from __future__ import annotations
 
-import io
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,33 +17,36 @@ from typing import Iterator
 import numpy as np
 import torch
 from lightly.transforms import MoCoV2Transform
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from common.errors import DataError
+from common.images import image_size, list_images, read_rgb
+from common.io import atomic_path
+from fewshot.data.pascal import PASCAL_TRAIN_LIST
 from pretrain.config import AugConfig, PretrainConfig
 from superpixels.cache import SuperpixelCache, precompute
 from superpixels.segment import segment_ids_for_sampling
 from superpixels.transforms import JointViewTransform, sample_segment_crop
+from superpixels.vis import save_boundary_grid
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PASCAL_TRAIN_LIST = REPO_ROOT / "finetune" / "data" / "splits" / "pascal" / "voc_sbd_merge_noduplicate.txt"
 # scikit-image ships these photos inside its wheel, so the default run needs no download. Pure textures
 # (grass, gravel, brick) are left out: SLIC finds a single superpixel on them.
 BUILTIN_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
                   "colorwheel", "logo", "coins", "camera", "moon", "clock", "text", "page", "cell", "microaneurysms",
                   "stereo_motorcycle:0", "stereo_motorcycle:1")
 
-class ImageError(RuntimeError):
-    """An image that cannot be used; the message names the file."""
+# kept as a name of stage 1: bad images are the project's DataError (common.errors)
+ImageError = DataError
 
 
 # --------------------------------------------------------------------------------------------------
 # finding and checking images
 
 
-def list_images(cfg: PretrainConfig, out_dir: Path) -> list[Path]:
+def source_images(cfg: PretrainConfig, out_dir: Path) -> list[Path]:
     """The image files of ``cfg.data`` in a stable (sorted) order; a missing folder or list is an error."""
     data = cfg.data
     if data.source == "builtin":
@@ -53,9 +55,9 @@ def list_images(cfg: PretrainConfig, out_dir: Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist or is not a folder")
     if data.source == "folder":
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths = list_images(root)
     elif data.source == "voc":
-        list_file = Path(data.list_file) if data.list_file else PASCAL_TRAIN_LIST
+        list_file = Path(data.list_file) if data.list_file else PASCAL_TRAIN_LIST  # train images only
         if not list_file.is_file():
             raise FileNotFoundError(f"data.list_file {list_file} not found")
         ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
@@ -84,9 +86,8 @@ def materialise_builtin(folder: Path, max_side: int = 512) -> list[Path]:
             data = getattr(skimage.data, loader)()
             image = Image.fromarray(np.asarray(data[int(part)] if part else data)).convert("RGB")
             image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-            tmp = path.with_suffix(".tmp.png")
-            image.save(tmp)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                image.save(tmp)
         paths.append(path)
     return paths
 
@@ -94,13 +95,9 @@ def materialise_builtin(folder: Path, max_side: int = 512) -> list[Path]:
 def check_image(path: str | Path, min_side: int) -> str | None:
     """Fully decode one image; return why it is unusable, or None."""
     try:
-        with Image.open(path) as im:
-            im.load()  # a truncated JPEG only fails here, not at open()
-            w, h = im.size
-    except FileNotFoundError:
-        return "file not found"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return f"unreadable image ({err})"
+        w, h = image_size(path)
+    except DataError as err:
+        return str(err).removeprefix(f"{path}: ")
     if min(w, h) < min_side:
         return f"image is {w}x{h}, smaller than data.min_image_side={min_side}"
     return None
@@ -136,7 +133,7 @@ def scan_images(paths: list[Path], min_side: int, on_bad: str, workers: int, pro
 
 def prepare_images(cfg: PretrainConfig, out_dir: Path, cache_dir: Path, progress: bool = True) -> ScanReport:
     """List, check and (when the local loss is on) superpixel-cache every image. Run on the main process only."""
-    report = scan_images(list_images(cfg, out_dir), cfg.data.min_image_side, cfg.data.on_bad_image,
+    report = scan_images(source_images(cfg, out_dir), cfg.data.min_image_side, cfg.data.on_bad_image,
                          cfg.data.num_workers, progress)
     if cfg.uses_local:
         sp = precompute([str(p) for p in report.good], cfg.superpixels, str(cache_dir),
@@ -147,6 +144,23 @@ def prepare_images(cfg: PretrainConfig, out_dir: Path, cache_dir: Path, progress
     if not report.good:
         raise ImageError(f"no usable image left out of {len(report.good) + len(report.bad)}")
     return report
+
+
+def save_superpixel_grid(paths: list[Path], cfg: PretrainConfig, cache_dir: Path, out: Path,
+                         max_side: int = 256) -> Path:
+    """A PNG of the images with their cached superpixel boundaries (long side ``max_side``), for a person to check."""
+    cache = SuperpixelCache(str(cache_dir), cfg.superpixels)
+    images, labels = [], []
+    for path in paths:
+        raw = Path(path).read_bytes()
+        image, label = Image.fromarray(read_rgb(raw, path)), Image.fromarray(cache.labels_for(raw).astype(np.int32))
+        scale = max_side / max(image.size)
+        if scale < 1:
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image, label = image.resize(size, Image.Resampling.BILINEAR), label.resize(size, Image.Resampling.NEAREST)
+        images.append(np.asarray(image))
+        labels.append(np.asarray(label))
+    return save_boundary_grid(images, labels, out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,10 +224,7 @@ class PretrainImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         path = self.paths[index]
         raw = Path(path).read_bytes()
-        try:
-            image = Image.open(io.BytesIO(raw)).convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise ImageError(f"{path}: unreadable image ({err})") from err
+        image = Image.fromarray(read_rgb(raw, path))
         labels = None
         if self.cache is not None:
             labels = self.cache.load(self.cache.key_for(raw))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +17,9 @@ from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
-from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from common.config import flatten
-from common.runlog import MetricsLog
+from common.checkpoint import save_checkpoint
+from common.run import TrainLog, due, resume_from, set_lr
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainImages
 from pretrain.losses import info_nce
@@ -146,23 +143,15 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
     model, optimizer = accelerator.prepare(model, optimizer)
     core: MoCoPrior = accelerator.unwrap_model(model)
 
-    step, checkpoint = 0, None
-    if resume:
-        found = find_checkpoint(run_dir, resume)
-        if found is not None:
-            extra, state = load_checkpoint(accelerator, found)
-            restore_queues(queues, {k: v.to(accelerator.device) for k, v in extra.items()})
-            step, checkpoint = state["step"], found
-            accelerator.print(f"resumed from {found} at step {step}")
-        else:
-            accelerator.print(f"--resume {resume}: no checkpoint in {run_dir}, starting from scratch")
+    resumed = resume_from(accelerator, run_dir, resume, {
+        "global_batch": global_batch, "arch": cfg.model.arch, "total_steps": total_steps})
+    if resumed.checkpoint is not None:
+        restore_queues(queues, {k: v.to(accelerator.device) for k, v in resumed.extra.items()})
+    step, checkpoint = resumed.step, resumed.checkpoint
 
-    accelerator.init_trackers("pretrain", config=flatten(cfg))
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-    bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
-               disable=not accelerator.is_local_main_process)
+    log = TrainLog(accelerator, run_dir, "pretrain", cfg, total_steps, step)
     last: dict[str, float] = {}
-    tick, images_since = time.perf_counter(), 0
+    images_since = 0
     model.train()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -172,23 +161,19 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
         for batch in epoch_loader:
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             lr = lr_at(cfg, peak_lr, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             scalars, loss = train_step(model, queues, batch, optimizer, accelerator, cfg)
             step += 1
             images_since += global_batch
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - tick
+            log.advance()
+            if due(step, cfg.train.log_every, total_steps):
                 scalars.update({"loss/total": loss.item(), "lr": lr, "momentum": core.momentum,
-                                "throughput/images_per_s": images_since / max(elapsed, 1e-9)})
+                                "throughput/images_per_s": images_since / max(log.seconds_since_last(), 1e-9)})
                 scalars.update({f"queue/{n}_fill": q.fill_fraction for n, q in queues.items()})
-                accelerator.log(scalars, step=step)
-                metrics_log.write({"step": step, "epoch": epoch, **scalars})
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
-                tick, images_since = time.perf_counter(), 0
+                log.write(step, scalars, {"epoch": epoch}, {"loss": f"{loss.item():.3f}", "lr": f"{lr:.4f}"})
+                images_since = 0
             last = scalars
-            if step % cfg.train.checkpoint_every == 0 or step == total_steps:
+            if due(step, cfg.train.checkpoint_every, total_steps):
                 digests = check_queues_agree(queues, accelerator)
                 checkpoint = save_checkpoint(
                     accelerator, run_dir, step, queue_tensors(queues),
@@ -198,5 +183,5 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
                     keep_last=cfg.train.keep_last)
             if step >= total_steps:
                 break
-    bar.close()
+    log.close()
     return TrainResult(step=step, checkpoint=checkpoint, last_metrics=last)

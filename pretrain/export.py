@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 from pathlib import Path
 
 import torch
-import torchvision
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from common.checkpoint import TRAIN_STATE, find_checkpoint
+from common.errors import WeightsError
+from common.io import save_tensors, write_bytes
+from common.weights import arch_info, load_into, torchvision_net
 
-CLASSIFIER_KEYS = {"resnet": {"fc.weight", "fc.bias"}, "mobilenet_v2": {"classifier.1.weight", "classifier.1.bias"}}
 ENCODER_PREFIX = {"key": "key_encoder.", "query": "query_encoder."}
-
-
-def classifier_keys(arch: str) -> set[str]:
-    return CLASSIFIER_KEYS["resnet" if arch.startswith("resnet") else arch]
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -58,11 +56,11 @@ def extract_encoder(model_state: dict[str, Tensor], encoder: str = "key") -> dic
 
 def check_loads_into_torchvision(state: dict[str, Tensor], arch: str) -> torch.nn.Module:
     """Load into ``torchvision.models.<arch>()``; missing keys must be exactly the classifier's, nothing extra."""
-    net = getattr(torchvision.models, arch)(weights=None)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if set(missing) != classifier_keys(arch) or unexpected:
-        raise ValueError(f"export does not match torchvision {arch}: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
+    net = torchvision_net(arch)
+    try:
+        load_into(net, state, expected_missing=arch_info(arch).classifier)
+    except WeightsError as err:
+        raise WeightsError(f"export does not match torchvision {arch}: {err}") from err
     return net
 
 
@@ -77,17 +75,13 @@ def export_prior(source: str | Path, out: str | Path, encoder: str = "key") -> t
     state = extract_encoder(load_file(str(weights)), encoder)
     check_loads_into_torchvision(state, arch)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "arch": arch, "encoder": encoder, "source_checkpoint": str(ckpt.resolve()),
             "step": str(train_state["step"]), "layout": "torchvision"}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(out)
-    pth_tmp = out.with_suffix(".pth.tmp")
-    torch.save(state, pth_tmp)
-    digest = hashlib.sha256(pth_tmp.read_bytes()).hexdigest()[:8]
-    pth = out.with_name(f"{out.stem}-{digest}.pth")
-    pth_tmp.replace(pth)
+    save_tensors(out, state, meta)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # named by the hash of its bytes, the torch.hub convention
+    pth = write_bytes(out.with_name(f"{out.stem}-{hashlib.sha256(buffer.getvalue()).hexdigest()[:8]}.pth"),
+                      buffer.getvalue())
     return out, pth
 
 

@@ -11,25 +11,24 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from lightly.models.batchnorm import SplitBatchNorm
 from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
 from torch import Tensor, nn
 
+from common.weights import ARCHS, load_torchvision_weights, torchvision_net, trunk_features
 from pretrain.config import PretrainConfig
 from superpixels.pooling import labels_to_grid, pool_regions, sample_shared_ids
-
-FEATURE_DIMS = {"resnet50": 2048, "resnet18": 512, "mobilenet_v2": 1280}
 
 
 def build_encoder(arch: str, split_bn: int = 0) -> nn.Module:
     """A torchvision backbone without its classifier; ``split_bn > 1`` swaps in SplitBatchNorm."""
-    norm = partial(SplitBatchNorm, num_splits=split_bn) if split_bn > 1 else nn.BatchNorm2d
-    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)
+    norm = partial(SplitBatchNorm, num_splits=split_bn) if split_bn > 1 else None
+    net = torchvision_net(arch, norm)
     if arch.startswith("resnet"):
         net.fc = nn.Identity()  # state_dict then holds exactly torchvision's keys minus fc.*
     else:
@@ -37,12 +36,15 @@ def build_encoder(arch: str, split_bn: int = 0) -> nn.Module:
     return net
 
 
-def encoder_features(net: nn.Module, x: Tensor) -> Tensor:
-    """Last feature map of a torchvision ResNet / MobileNetV2: ``[B,3,H,W] -> [B,C,H/32,W/32]``."""
-    if hasattr(net, "layer4"):
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
-    return net.features(x)
+def _repeat_split_bn_stats(encoder: nn.Module) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """A state rewrite that repeats plain BN statistics for SplitBatchNorm, which keeps one copy per split."""
+    own = encoder.state_dict()
+
+    def adapt(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.repeat(own[k].numel() // v.numel())
+                if k in own and k.endswith(("running_mean", "running_var")) and own[k].numel() != v.numel() else v
+                for k, v in state.items()}
+    return adapt
 
 
 class MoCoPrior(nn.Module):
@@ -64,21 +66,11 @@ class MoCoPrior(nn.Module):
         self.distributed_shuffle = bn_mode == "shuffle"
         self.shuffle_keys = bn_mode in ("shuffle", "split")
         self.momentum = m.momentum
-        dim = FEATURE_DIMS[m.arch]
+        dim = ARCHS[m.arch].feature_dim
         self.query_encoder = build_encoder(m.arch, m.split_bn_splits if bn_mode == "split" else 0)
-        if m.init_weights:
-            from safetensors.torch import load_file
-            state = load_file(m.init_weights) if m.init_weights.endswith(".safetensors") else \
-                torch.load(m.init_weights, map_location="cpu", weights_only=True)
-            state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-            own = self.query_encoder.state_dict()
-            for k, v in state.items():  # SplitBatchNorm keeps one copy of the statistics per split
-                if k in own and k.endswith(("running_mean", "running_var")) and own[k].numel() != v.numel():
-                    state[k] = v.repeat(own[k].numel() // v.numel())
-            missing, unexpected = self.query_encoder.load_state_dict(state, strict=False)
-            if missing or unexpected:  # a partial load would silently train from a half-random network
-                raise ValueError(f"{m.init_weights} does not fit torchvision {m.arch}: missing "
-                                 f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        if m.init_weights:  # a partial load would silently train from a half-random network: exact or error
+            load_torchvision_weights(self.query_encoder, m.arch, m.init_weights, key="model.init_weights",
+                                     adapt=_repeat_split_bn_stats(self.query_encoder))
         self.global_head_q = MoCoProjectionHead(dim, m.head_hidden_dim, m.out_dim)
         self.local_head_q = MoCoProjectionHead(dim, m.head_hidden_dim, m.out_dim)
         self.key_encoder = copy.deepcopy(self.query_encoder)
@@ -107,9 +99,9 @@ class MoCoPrior(nn.Module):
     def _encode_keys(self, x: Tensor) -> Tensor:
         """Key-encoder feature maps with the batch shuffled across BN groups, returned in input order."""
         if not self.shuffle_keys:
-            return encoder_features(self.key_encoder, x)
+            return trunk_features(self.key_encoder, x)
         x, idx = batch_shuffle(x, distributed=self.distributed_shuffle)
-        return batch_unshuffle(encoder_features(self.key_encoder, x), idx, distributed=self.distributed_shuffle)
+        return batch_unshuffle(trunk_features(self.key_encoder, x), idx, distributed=self.distributed_shuffle)
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Embed one batch; call :meth:`momentum_update` first (MoCo order: update, then encode keys).
@@ -121,14 +113,14 @@ class MoCoPrior(nn.Module):
         """
         out: dict[str, Tensor] = {}
         if "view_q" in batch:
-            fq = encoder_features(self.query_encoder, batch["view_q"])  # [B, C, h, w]
+            fq = trunk_features(self.query_encoder, batch["view_q"])  # [B, C, h, w]
             fk = self._encode_keys(batch["view_k"])
             if self.uses_global:
                 out["q"] = F.normalize(self.global_head_q(fq.mean((2, 3))), dim=1)
                 with torch.no_grad():
                     out["k"] = F.normalize(self.global_head_k(fk.mean((2, 3))), dim=1)
         if self.uses_local and self.local_mode == "patch":
-            pq = encoder_features(self.query_encoder, batch["patch_q"]).mean((2, 3))
+            pq = trunk_features(self.query_encoder, batch["patch_q"]).mean((2, 3))
             pk = self._encode_keys(batch["patch_k"]).mean((2, 3))
             out["local_q"] = F.normalize(self.local_head_q(pq), dim=1)
             with torch.no_grad():

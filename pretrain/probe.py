@@ -4,8 +4,8 @@
         --neighbors 5 --shot 1 --n-segments 80 --layer mid] [--arch mobilenet_v2] [--no-compare-random]
         [--out results.json]
 
-Episodes come from the stage-2 code: every class folder of ``--data`` (``finetune.data.fss.Fss1000``,
-``split="all"``; masks binarised at 128) and ``finetune.data.episodes.make_episodes`` with the HSNet order
+Episodes come from the stage-2 code: every class folder of ``--data`` (``fewshot.data.fss.Fss1000``,
+``split="all"``; masks binarised at 128) and ``fewshot.data.episodes.make_episodes`` with the HSNet order
 (class uniform, query uniform in the class, ``shot`` other images of the class as supports), a pure function
 of (folder listing, shot, count, seed). Per episode:
 
@@ -21,7 +21,7 @@ of (folder listing, shot, count, seed). Per episode:
 3. a support superpixel is foreground when most of its non-ignored pixels are; each query superpixel takes the
    majority label of its ``neighbors`` nearest support superpixels (cosine, faiss ``IndexFlatIP``, on the
    GPUs when faiss sees any; a tie is background) and the prediction is the union of foreground superpixels;
-4. :class:`finetune.metrics.SegmentationMeter` accumulates foreground IoU per class (sum of intersections /
+4. :class:`fewshot.metrics.SegmentationMeter` accumulates foreground IoU per class (sum of intersections /
    sum of unions over the class's episodes; mIoU = their mean over classes) and FB-IoU, at ``size x size``.
 
 ``--compare-random`` (on by default) runs a randomly initialised network of the same architecture (torch seed
@@ -45,20 +45,16 @@ import torch.nn.functional as F
 import torchvision
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from common.config import field
-from finetune.data.base import EpisodeSpec, FewShotBenchmark
-from finetune.data.episodes import episodes_hash, make_episodes
-from finetune.data.fss import Fss1000
-from finetune.metrics import SegmentationMeter
-from pretrain.export import check_loads_into_torchvision
-from pretrain.model import encoder_features
+from common.errors import DataError, WeightsError
+from common.weights import ARCHS, export_arch, load_torchvision_weights, torchvision_net, trunk_features
+from fewshot.data.base import EpisodeSpec, FewShotBenchmark
+from fewshot.data.episodes import episodes_hash, make_episodes
+from fewshot.data.fss import Fss1000
+from fewshot.metrics import SegmentationMeter
 from superpixels.segment import SuperpixelConfig, compute_superpixels
-
-ARCHS = ("resnet18", "resnet50", "mobilenet_v2")
 
 
 @dataclass
@@ -87,38 +83,23 @@ class ProbeConfig:
 # networks
 
 
-def read_arch(path: str | Path) -> str | None:
-    """The ``arch`` entry of a safetensors file's metadata (written by :mod:`pretrain.export`), or None."""
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("arch")
-
-
 def load_prior(path: str | Path, arch: str | None = None) -> tuple[nn.Module, str]:
     """A torchvision network holding the exported weights, in eval mode, and its arch.
 
-    ``arch`` overrides the file's metadata; one of the two must name it. The file must load with exactly
-    the classifier missing (see :func:`pretrain.export.check_loads_into_torchvision`).
+    ``arch`` must agree with the file's metadata when both name one; one of the two must. The file must
+    load with exactly the classifier missing (:func:`common.weights.load_into`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prior export not found: {path}")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: expected a .safetensors export (written by python -m pretrain.export)")
-    arch = arch or read_arch(path)
-    if arch not in ARCHS:
-        raise ValueError(f"{path}: architecture {arch!r} from {'--arch' if arch else 'metadata'} is not one of "
-                         f"{ARCHS}; pass --arch")
-    state = load_file(str(path))
-    with torch.device("meta"):  # shapes only: a concise error for the wrong architecture
-        expected = getattr(torchvision.models, arch)(weights=None).state_dict()
-    wrong = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"{path}: not a torchvision {arch} ({len(wrong)} tensors differ in shape, first "
-                         f"{wrong[0]} {tuple(state[wrong[0]].shape)}); pass the right --arch")
-    try:
-        net = check_loads_into_torchvision(state, arch)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise WeightsError(f"{path}: expected a .safetensors export (written by python -m pretrain.export)")
+    recorded = export_arch(path) if path.is_file() else None
+    if arch and recorded and arch != recorded:
+        raise WeightsError(f"{path}: --arch {arch} but the export records arch={recorded}")
+    arch = arch or recorded
+    if arch is None:
+        raise WeightsError(f"{path}: the file records no architecture; pass --arch ({', '.join(ARCHS)})")
+    net = torchvision_net(arch)
+    load_torchvision_weights(net, arch, path, hint="export one with `python -m pretrain.export RUN_DIR --out FILE`")
     return net.eval(), arch
 
 
@@ -132,12 +113,7 @@ def random_prior(arch: str, seed: int) -> nn.Module:
 @torch.no_grad()
 def probe_features(net: nn.Module, images: Tensor, layer: str) -> Tensor:
     """``[B,3,S,S] -> [B,C,S/16,S/16]`` (``mid``) or ``[B,C,S/32,S/32]`` (``last``), see the module doc."""
-    if layer == "last":
-        return encoder_features(net, images)
-    if hasattr(net, "layer3"):
-        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
-        return net.layer3(net.layer2(net.layer1(x)))
-    return net.features[:14](images)
+    return trunk_features(net, images, last=4 if layer == "last" else 3)
 
 
 def superpixel_embeddings(features: Tensor, labels: Tensor) -> Tensor:
@@ -284,6 +260,9 @@ def run_probe(export: str | Path, data: str | Path, cfg: ProbeConfig, arch: str 
     """
     net, arch = load_prior(export, arch)
     bench = Fss1000(data, split="all")
+    if not any(len(s) > cfg.shot for s in bench.samples_by_class.values()):
+        raise DataError(f"--data {data}: no class folder holds {cfg.shot + 1} image/mask pairs; the probe reads the "
+                        "FSS-1000 layout <class>/<n>.jpg + <n>.png (one folder per class, masks 0/255)")
     episodes = make_episodes(bench, cfg.shot, cfg.episodes, cfg.seed, query_order="random")
     images = ProbeImages(bench, cfg)
     results = {f"export ({arch})": evaluate_prior(net, episodes, images, cfg.layer, cfg.neighbors)}
@@ -299,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export", help="prior-extractor export (.safetensors, torchvision names)")
     parser.add_argument("--data", required=True, help="FSS-1000-layout folder: <class>/<n>.jpg + <n>.png")
-    parser.add_argument("--arch", choices=ARCHS, help="architecture when the file has no 'arch' metadata")
+    parser.add_argument("--arch", choices=list(ARCHS), help="architecture when the file has no 'arch' metadata")
     parser.add_argument("--compare-random", action=argparse.BooleanOptionalAction, default=True,
                         help="also score a random-init network of the same arch on the same episodes (default: on)")
     parser.add_argument("--out", help="write the results as JSON here")

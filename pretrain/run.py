@@ -16,15 +16,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch pretrain/run.py` puts pretrain/ first on sys.path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch  # noqa: E402
-from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate import DistributedDataParallelKwargs  # noqa: E402
 
-from common.cli import parse_run_args  # noqa: E402
-from common.config import dump_yaml, save_config  # noqa: E402
-from common.runlog import run_header  # noqa: E402
+from common.cli import parse_run_args, user_errors  # noqa: E402
+from common.io import write_text  # noqa: E402
+from common.run import start_run  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
-from pretrain.data import prepare_images  # noqa: E402
+from pretrain.data import prepare_images, save_superpixel_grid  # noqa: E402
 from pretrain.engine import train  # noqa: E402
 from pretrain.export import export_prior  # noqa: E402
 
@@ -38,28 +36,23 @@ def main(argv: list[str] | None = None) -> Path | None:
     cfg = inv.cfg
     run_name = cfg.train.run_name or (Path(inv.config_path).stem if inv.config_path else "default")
     run_dir = Path(cfg.train.out_dir) / run_name
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not (cfg.uses_global and cfg.uses_local))
-    accelerator = Accelerator(log_with="tensorboard", project_dir=str(run_dir), kwargs_handlers=[ddp])
-    set_seed(cfg.train.seed)  # same on every rank: both encoders and heads start identical everywhere
+    # same seed on every rank: both encoders and heads start identical everywhere
+    accelerator = start_run(cfg, "stage 1: prior-extractor pretraining", run_dir, inv.config_path, cfg.train.seed,
+                            cfg.train.deterministic, cfg.train.trackers, kwargs_handlers=[ddp])
 
     cache_dir = Path(cfg.superpixels.cache_dir or Path(cfg.train.out_dir) / "superpixel_cache")
     image_list = run_dir / "images.txt"
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        accelerator.print(run_header("stage 1: prior-extractor pretraining", {
-            "config": inv.config_path or "<schema defaults>", "run dir": run_dir,
-            "processes": accelerator.num_processes, "device": accelerator.device,
-            "mixed precision": accelerator.mixed_precision}))
-        accelerator.print(dump_yaml(cfg))
         report = prepare_images(cfg, Path(cfg.train.out_dir), cache_dir)
-        image_list.write_text("".join(f"{p}\n" for p in report.good))
+        write_text(image_list, "".join(f"{p}\n" for p in report.good))
         if report.bad:
-            (run_dir / "bad_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in report.bad))
+            write_text(run_dir / "bad_images.txt", "".join(f"{p}\t{why}\n" for p, why in report.bad))
             accelerator.print(f"left out {len(report.bad)} bad images (listed in {run_dir / 'bad_images.txt'})")
         accelerator.print(f"{len(report.good)} images ready")
+        if cfg.uses_local:  # what the local loss will see: the first images with their superpixel boundaries
+            grid = save_superpixel_grid(report.good[:8], cfg, cache_dir, run_dir / "superpixels.png")
+            accelerator.print(f"superpixels of the first images: {grid}")
     accelerator.wait_for_everyone()
     image_paths = [Path(line) for line in image_list.read_text().splitlines()]
 
@@ -76,4 +69,5 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

@@ -18,24 +18,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import multiprocessing
 import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from common.config import ConfigError, build, load_yaml_tree
+from common.errors import DataError
+from common.images import list_images, read_rgb
+from common.io import atomic_path, write_text
 from superpixels.segment import SuperpixelConfig, compute_superpixels, segment_ids_for_sampling
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 BAD_LIST_NAME = "bad_images.tsv"
 
 
@@ -43,7 +42,7 @@ class MissingSuperpixelsError(FileNotFoundError):
     """A label map that should have been precomputed is not in the cache."""
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError, ValueError):
     """An image that cannot be decoded or segmented into at least two usable superpixels."""
 
 
@@ -99,10 +98,8 @@ class SuperpixelCache:
         if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.uint16).max):
             raise ValueError(f"label ids must fit uint16, got range [{labels.min()}, {labels.max()}]")
         path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{key}.", suffix=".tmp", delete=False) as tmp:
-            np.savez_compressed(tmp, labels=labels.astype(np.uint16))
-        os.replace(tmp.name, path)
+        with atomic_path(path) as tmp, tmp.open("wb") as fh:
+            np.savez_compressed(fh, labels=labels.astype(np.uint16))
         return path
 
     def bad_images(self) -> dict[str, str]:
@@ -129,15 +126,6 @@ class PrecomputeReport:
                 f"{len(self.bad)} bad (skipped)")
 
 
-def read_rgb(image_bytes: bytes, name: str) -> np.ndarray:
-    """Decode an image file's bytes to [H,W,3] uint8; raises BadImageError naming ``name``."""
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # truncated files raise OSError
-        raise BadImageError(f"{name}: cannot decode image ({err})") from err
-
-
 def _process(job: tuple[str, SuperpixelConfig, str]) -> tuple[str, str, str]:
     """Worker: (path, cfg, cache_dir) -> (path, "computed" | "cached" | "bad", reason)."""
     path, cfg, cache_dir = job
@@ -152,7 +140,7 @@ def _process(job: tuple[str, SuperpixelConfig, str]) -> tuple[str, str, str]:
     try:
         labels = compute_superpixels(read_rgb(data, path), cfg)
         segment_ids_for_sampling(labels, cfg.min_area_frac)
-    except ValueError as err:  # BadImageError, TooFewSegmentsError, or an image too small to segment
+    except (DataError, ValueError) as err:  # undecodable, TooFewSegmentsError, or too small to segment
         return path, "bad", str(err).removeprefix(f"{path}: ")
     cache.save(key, labels)
     return path, "computed", ""
@@ -208,24 +196,7 @@ def _update_bad_list(cache: SuperpixelCache, examined: set[str], bad: dict[str, 
     if not merged:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{p}\t{r}\n" for p, r in sorted(merged.items())))
-    os.replace(tmp, path)
-
-
-def list_images(source: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> list[str]:
-    """Image paths from a folder (recursive, sorted) or a list file (one path per line, '#' comments).
-
-    Relative paths in a list file are resolved against ``root`` (default: the list file's folder).
-    """
-    source = Path(source)
-    if source.is_dir():
-        return sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: neither an image folder nor a list file")
-    base = Path(root) if root else source.parent
-    lines = [line.strip() for line in source.read_text().splitlines()]
-    return [str(base / line) for line in lines if line and not line.startswith("#")]
+    write_text(path, "".join(f"{p}\t{r}\n" for p, r in sorted(merged.items())))
 
 
 def precompute_command(cfg: SuperpixelConfig, cache_dir: str | os.PathLike[str]) -> str:
@@ -271,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if not cfg.cache_dir:
         parser.error("--cache-dir is required (or superpixels.cache_dir in --config)")
-    paths = list_images(args.images, args.root)
+    paths = [str(p) for p in list_images(args.images, args.root)]
     print(f"{len(paths)} images, params {cfg.label_params()} -> {Path(cfg.cache_dir) / cfg.params_hash()}")
     try:
         report = precompute(paths, cfg, cfg.cache_dir, cfg.workers, args.on_bad_image, not args.no_progress)

@@ -18,6 +18,8 @@ from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
 from skimage.segmentation import mark_boundaries
 
+from common.io import atomic_path
+
 PAD = 2
 ImageLike = np.ndarray | Image.Image | torch.Tensor
 
@@ -60,10 +62,9 @@ def _tile(panels: Sequence[np.ndarray], ncol: int) -> np.ndarray:
 
 
 def _write_png(canvas: np.ndarray, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path, format="PNG")
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+    return Path(path)
 
 
 def _boundaries(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -11,13 +11,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.data.base import DataError, FewShotBenchmark
-from finetune.data.crossdomain import (CROSS_DOMAIN, ISIC_CLASS_CSV, ChestXray, Deepglobe, Isic2018, KvasirSeg,
-                                       read_binary_mask, read_isic_class_csv)
-from finetune.tools.prepare_deepglobe import grid_tiles, prepare_deepglobe
-from finetune.tools.prepare_deepglobe import main as deepglobe_main
-from finetune.tools.prepare_isic import main as isic_main
-from finetune.tools.prepare_isic import prepare_isic
+from fewshot.data.base import DataError, FewShotBenchmark
+from fewshot.data.crossdomain import (
+    CROSS_DOMAIN,
+    ISIC_CLASS_CSV,
+    ChestXray,
+    Deepglobe,
+    Isic2018,
+    KvasirSeg,
+    read_binary_mask,
+    read_isic_class_csv,
+)
+from fewshot.tools.prepare_deepglobe import grid_tiles, prepare_deepglobe
+from fewshot.tools.prepare_deepglobe import main as deepglobe_main
+from fewshot.tools.prepare_isic import main as isic_main
+from fewshot.tools.prepare_isic import prepare_isic
 
 RNG = np.random.default_rng(0)
 
@@ -90,11 +98,15 @@ def write_csv(path: Path, classes: dict[str, str]) -> Path:
 # loaders
 
 
-def test_registry_and_protocol_constants():
+def test_registry_and_protocol_configs(repo_root):
+    from common.config import load_config
+    from finetune.config import FinetuneConfig
+
     assert CROSS_DOMAIN == {"isic": Isic2018, "chest_xray": ChestXray, "deepglobe": Deepglobe, "kvasir": KvasirSeg}
-    for cls in CROSS_DOMAIN.values():
+    for name, cls in CROSS_DOMAIN.items():
         assert issubclass(cls, FewShotBenchmark)
-        assert cls.PROTOCOL_EPISODES == 600 and cls.PROTOCOL_SIZE == 400
+        cfg = load_config(FinetuneConfig, repo_root / "configs" / "finetune" / f"cdfss_{name}.yaml")
+        assert cfg.data.benchmark == name and cfg.eval.episodes == 600 and cfg.data.eval_size == 401
 
 
 def test_mask_binarised_at_128(tmp_path):
@@ -396,7 +408,7 @@ def test_prepare_deepglobe_cli_counts_and_assertion(tmp_path, capsys):
 
 
 def test_prepare_deepglobe_asserts_the_count_on_the_full_set(tmp_path, capsys, monkeypatch):
-    import finetune.tools.prepare_deepglobe as prep
+    import fewshot.tools.prepare_deepglobe as prep
 
     make_deepglobe_input(tmp_path / "train")
     monkeypatch.setattr(prep, "FULL_PAIRS", 2)  # pretend the 2 synthetic pairs are the full set at the standard grid

@@ -13,18 +13,19 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from common.config import ConfigError, load_config
-from finetune.data import coco, pascal
-from finetune.data.base import DataError, EpisodeSpec
-from finetune.data.check import main as check_main
-from finetune.data.coco import Coco20i
-from finetune.data.config import DataConfig
-from finetune.data.episodes import episodes_hash, epoch_episodes, load_episodes, make_episodes, save_episodes
-from finetune.data.fss import Fss1000
-from finetune.data.loader import EpisodeDataset, make_loader
-from finetune.data.pascal import Pascal5i
-from finetune.data.registry import build_benchmark
-from finetune.data.synthetic import SyntheticFss, make_synthetic_fss
-from finetune.data.transforms import MEAN, STD, EvalTransform, TrainTransform
+from fewshot.data import coco, pascal
+from fewshot.data.base import DataError, EpisodeSpec
+from fewshot.data.check import main as check_main
+from fewshot.data.coco import Coco20i
+from fewshot.data.config import DataConfig
+from fewshot.data.episodes import episodes_hash, epoch_episodes, load_episodes, make_episodes, save_episodes
+from fewshot.data.fss import Fss1000
+from fewshot.data.loader import EpisodeDataset
+from fewshot.data.pascal import Pascal5i
+from fewshot.data.registry import build_benchmark
+from fewshot.data.synthetic import SyntheticFss, make_synthetic_fss
+from fewshot.data.transforms import MEAN, STD, EvalTransform, TrainTransform
+from fewshot.evaluate import episode_loader
 
 VOC_PALETTE = [v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)]
 
@@ -398,7 +399,7 @@ def test_loader_batches_do_not_depend_on_workers(fss_tree):
     bench = Fss1000(fss_tree, "all")
     episodes = make_episodes(bench, 2, 6, seed=3)
     dataset = EpisodeDataset(bench, episodes, TrainTransform(33, scale=(0.8, 1.2)), shot=2, seed=9, epoch=4)
-    serial, parallel = list(make_loader(dataset, 3, 0)), list(make_loader(dataset, 3, 2))
+    serial, parallel = list(episode_loader(dataset, 3, 0)), list(episode_loader(dataset, 3, 2))
     assert len(serial) == len(parallel) == 2
     for a, b in zip(serial, parallel):
         assert a["query"].shape == (3, 3, 33, 33) and a["supports"].shape == (3, 2, 3, 33, 33)
@@ -432,7 +433,7 @@ def test_bad_input_errors_name_the_file(fss_tree):
     skipping = EpisodeDataset(bench, [good] + [e for e, _ in cases], EvalTransform(33), on_bad_sample="skip")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (batch,) = list(make_loader(skipping, 6))
+        (batch,) = list(episode_loader(skipping, 6))
     assert batch["size"] == 1 and batch["query_key"] == ["bird/1"] and len(batch["skipped"]) == 5
     assert "bird/2.jpg" in batch["skipped"][0]
 
@@ -526,6 +527,6 @@ def test_real_fss_mini_loads(shared_data):
     assert counts == {"Abyssinian": 200, "Bengal": 200, "african_elephant": 5, "american_bulldog": 200,
                       "eiffel_tower": 5}
     episodes = make_episodes(bench, 1, 4, seed=0)
-    batch = next(iter(make_loader(EpisodeDataset(bench, episodes, EvalTransform(97)), 4)))
+    batch = next(iter(episode_loader(EpisodeDataset(bench, episodes, EvalTransform(97)), 4)))
     assert batch["size"] == 4 and batch["query"].shape == (4, 3, 97, 97)
     assert all((m == 1).any() for m in batch["query_mask_orig"])

@@ -9,12 +9,19 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 from common.config import ConfigError, load_config
+from common.weights import load_into, load_state_dict_file
+from fewshot.segmenter import SegmenterOutput
+from finetune.methods.qgnet import build_qgnet, qgnet_loss
 from finetune.model.backbones import build_backbone, build_prior
 from finetune.model.config import ModelConfig
-from finetune.model.qgnet import QGNetOutput, build_qgnet, qgnet_loss
-from finetune.model.region_maps import (guided_region_map, masked_max_cosine, minmax_normalize, prior_region_map,
-                                        projection, weighted_gap)
-from finetune.model.weights import load_into, load_state_dict_file
+from finetune.model.region_maps import (
+    guided_region_map,
+    masked_max_cosine,
+    minmax_normalize,
+    prior_region_map,
+    projection,
+    weighted_gap,
+)
 
 RELATIVE_BINS = "bins=[1.0,0.5,0.25,0.125]"
 
@@ -219,12 +226,13 @@ def test_qgnet_output_shapes_and_maps(arch, shots, request):
     out = model(query, supports, masks)
     assert out.logits.shape == (2, 2, 97, 97)
     assert [a.shape for a in out.aux_logits] == [(2, 2, b, b) for b in (13, 6, 3, 1)]  # relative bins at 13
-    assert out.prior_map.shape == out.guided_map.shape == (2, 1, 13, 13)
-    maps = [out.prior_map] if shots > 1 else [out.prior_map, out.guided_map]  # a mean of shots is not min-max'd
+    assert out.maps["prior"].shape == out.maps["guided"].shape == (2, 1, 13, 13)
+    # a mean over shots is not min-max normalised itself
+    maps = [out.maps["prior"]] if shots > 1 else [out.maps["prior"], out.maps["guided"]]
     for m in maps:
         torch.testing.assert_close(m.amin(dim=(1, 2, 3)), torch.zeros(2))
         torch.testing.assert_close(m.amax(dim=(1, 2, 3)), torch.ones(2), atol=1e-5, rtol=0)
-    assert 0 <= out.guided_map.min() and out.guided_map.max() <= 1
+    assert 0 <= out.maps["guided"].min() and out.maps["guided"].max() <= 1
 
 
 def test_gradients_reach_the_head_never_the_backbones(mnv2):
@@ -256,7 +264,7 @@ def test_kshot_fusion_and_255_as_background(mnv2):
         two = mnv2(query, supports.repeat(1, 2, 1, 1, 1), masks.repeat(1, 2, 1, 1))
         no_ignore = mnv2(query, supports, masks.masked_fill(masks == 255, 0))
     torch.testing.assert_close(two.logits, one.logits, atol=1e-5, rtol=1e-5)  # identical shots: mean = one
-    torch.testing.assert_close(two.guided_map, one.guided_map)
+    torch.testing.assert_close(two.maps["guided"], one.maps["guided"])
     assert torch.equal(no_ignore.logits, one.logits)
 
 
@@ -272,14 +280,14 @@ def test_eval_is_deterministic_and_chunked_similarity_gives_the_same_output(mnv2
             mnv2.sim_chunk = 0
     assert torch.equal(a.logits, b.logits)
     torch.testing.assert_close(c.logits, a.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(c.prior_map, a.prior_map, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c.maps["prior"], a.maps["prior"], atol=1e-5, rtol=1e-5)
 
 
 def test_absolute_bins_and_input_size_check():
     model = build_qgnet(model_cfg("backbone=mobilenet_v2", "prior=none", "bins=[60,30,15,8]"))
     query, supports, masks = episode(b=1, s=65)
     out = model.eval()(query, supports, masks)
-    assert [a.shape[-1] for a in out.aux_logits] == [60, 30, 15, 8] and out.prior_map is None
+    assert [a.shape[-1] for a in out.aux_logits] == [60, 30, 15, 8] and "prior" not in out.maps
     with pytest.raises(ValueError, match="8n\\+1"):
         model(query[..., :64], supports[..., :64], masks[..., :64])
 
@@ -288,7 +296,7 @@ def test_paper_literal_has_no_projections_and_needs_equal_channels():
     model = build_qgnet(model_cfg("backbone=mobilenet_v2", "prior_arch=mobilenet_v2", "paper_literal=true"))
     assert model.down_learn_super is None and model.down_learn_unsuper is None
     out = model.train()(*episode(b=1, s=65))
-    assert not out.prior_map.requires_grad
+    assert not out.maps["prior"].requires_grad
     with pytest.raises(ValueError, match="1280 channels and the prior 512"):
         build_qgnet(model_cfg("backbone=mobilenet_v2", "prior_arch=resnet18", "paper_literal=true"))
 
@@ -313,7 +321,7 @@ def test_loss_matches_hand_computed_cross_entropy():
         return -picked[valid[0]].mean()
 
     up = F.interpolate(aux[0], size=(9, 9), mode="bilinear", align_corners=True)
-    loss, parts = qgnet_loss(QGNetOutput(logits, aux, None, torch.zeros(1, 1, 2, 2)), target, aux_weight=0.4)
+    loss, parts = qgnet_loss(SegmenterOutput(logits, {"guided": torch.zeros(1, 1, 2, 2)}, aux), target, aux_weight=0.4)
     torch.testing.assert_close(parts["main"], ce(logits))
     torch.testing.assert_close(parts["aux"], ce(up))
     torch.testing.assert_close(loss, ce(logits) + 0.4 * ce(up))

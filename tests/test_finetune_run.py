@@ -53,6 +53,7 @@ def launch(args: list[str], wait: bool = True):
     return proc
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_end_to_end(prior, data_root, tmp_path):
     proc = launch(overrides(prior, data_root, tmp_path, "train.max_steps=2", "train.val_every=1",
                             "train.episodes_per_epoch=4"))
@@ -64,7 +65,7 @@ def test_train_and_evaluate_end_to_end(prior, data_root, tmp_path):
     assert 0.0 <= results["miou_mean"] <= 1.0 and 0.0 <= results["fbiou_mean"] <= 1.0
     assert results["per_seed"][0]["meter"]["episodes"] == 4
     assert set(results["per_seed"][0]["recall"]) == {"guided", "prior"}
-    assert (run / "eval" / "results.md").read_text().startswith("# synthetic")
+    assert (run / "eval" / "results.md").read_text().startswith("# `qgnet` on synthetic")
     assert (run / "eval" / "episodes_1shot_seed0.json").is_file()
     assert (run / "eval" / "grid_1shot_seed0_rank0.png").is_file()
     assert "results:" in proc.stdout and "pictures:" in proc.stdout
@@ -81,6 +82,7 @@ def test_train_and_evaluate_end_to_end(prior, data_root, tmp_path):
     assert r0["per_seed"][0]["meter"] == r2["per_seed"][0]["meter"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, tmp_path):
     common = ["train.max_steps=8", "train.checkpoint_every=2", "train.deterministic=true", "train.val_every=0",
               "train.keep_last=0", "eval.episodes=2"]
@@ -96,6 +98,7 @@ def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, tmp_path):
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
 
 
+@pytest.mark.slow
 def test_two_process_gloo_training_and_sharded_evaluation(prior, data_root, tmp_path):
     """The same entry point on 2 CPU processes: DDP training, episodes sharded, statistics summed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
@@ -115,6 +118,7 @@ def test_two_process_gloo_training_and_sharded_evaluation(prior, data_root, tmp_
     assert one["per_seed"][0]["meter"] == results["per_seed"][0]["meter"]
 
 
+@pytest.mark.slow
 def test_smoke_config_learns_on_real_pets(prior, shared_data, mobilenet_weights, tmp_path):
     """The smoke config on real photos with real ImageNet weights, cut to 100 steps: it must clearly beat both trivial
     answers. Predicting all foreground on Bengal scores mIoU ~30 / FB-IoU ~20, all background 0 / ~30."""
@@ -129,6 +133,7 @@ def test_smoke_config_learns_on_real_pets(prior, shared_data, mobilenet_weights,
     assert results["miou_mean"] > 0.42 and results["fbiou_mean"] > 0.5, results  # measured: 0.51 / 0.64
 
 
+@pytest.mark.slow
 def test_cross_domain_script_collects_one_table(shared_data, mobilenet_weights, tmp_path):
     """launch/eval_cross_domain.sh on the real chest X-ray and Kvasir samples: two calls, one table."""
     real = [f"model.backbone_weights={mobilenet_weights}", "model.prior=none", "model.reduce_dim=16"]
@@ -147,14 +152,16 @@ def test_cross_domain_script_collects_one_table(shared_data, mobilenet_weights, 
                               timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     table = (run / "eval_cross_domain/table.md").read_text().splitlines()
-    assert table[0] == "| shot | benchmark chest_xray | benchmark kvasir | mean |"
-    assert table[2].startswith("| 1-shot | ") and table[3].startswith("| 5-shot | ") and " - |" in table[3]
+    assert table[0] == "| method | shot | benchmark chest_xray | benchmark kvasir | mean |"
+    assert table[2].startswith("| qgnet | 1-shot | ") and table[3].startswith("| qgnet | 5-shot | ")
+    assert " - |" in table[3]
     for name in ("chest_xray_1shot", "kvasir_1shot", "chest_xray_5shot"):
         out = run / "eval_cross_domain" / name
         assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
         assert list(out.glob("grid_*.png"))
 
 
+@pytest.mark.slow
 def test_fold_script_trains_each_fold_and_tables_them(prior, data_root, tmp_path):
     """launch/finetune_folds.sh through `accelerate launch` (the CLI on PATH), two folds, one table."""
     keep = [o for o in overrides(prior, data_root, tmp_path) if not o.startswith(("train.out_dir", "train.run_name",
@@ -170,4 +177,4 @@ def test_fold_script_trains_each_fold_and_tables_them(prior, data_root, tmp_path
         results = json.loads((tmp_path / f"quickstart_cpu_fold{fold}_1shot/eval/results.json").read_text())
         assert results["fold"] == str(fold) and results["shot"] == 1
     table = (tmp_path / "quickstart_cpu_1shot_folds.md").read_text().splitlines()
-    assert table[0] == "| shot | fold 0 | fold 1 | mean |" and table[2].startswith("| 1-shot | ")
+    assert table[0] == "| method | shot | fold 0 | fold 1 | mean |" and table[2].startswith("| qgnet | 1-shot | ")

@@ -1,11 +1,11 @@
-"""finetune.metrics against hand-computed numbers: class-accumulated IoU, FB-IoU, ignore pixels, merging."""
+"""fewshot.metrics against hand-computed numbers: class-accumulated IoU, FB-IoU, ignore pixels, merging."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from finetune.metrics import SegmentationMeter, region_map_recall
+from fewshot.metrics import SegmentationMeter, region_map_recall
 
 TARGET = torch.tensor([[1, 1, 0, 0],
                        [1, 1, 0, 0],

@@ -9,7 +9,7 @@ from PIL import Image
 
 from common.config import load_config
 from pretrain.config import PretrainConfig
-from pretrain.data import ImageError, PretrainImages, list_images, prepare_images, scan_images
+from pretrain.data import ImageError, PretrainImages, prepare_images, scan_images, source_images
 
 
 def photo(path: Path, size=(96, 80), seed=0) -> Path:
@@ -29,7 +29,7 @@ def cfg_for(root: Path, *extra: str) -> PretrainConfig:
 
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        list_images(cfg_for(tmp_path / "nowhere"), tmp_path)
+        source_images(cfg_for(tmp_path / "nowhere"), tmp_path)
 
 
 def test_bad_images_are_named_or_counted(tmp_path):
@@ -40,7 +40,7 @@ def test_bad_images_are_named_or_counted(tmp_path):
     tiny = photo(tmp_path / "tiny.png", size=(20, 20))
     (tmp_path / "notes.txt").write_text("not an image")
     paths = [good, truncated, tiny]
-    with pytest.raises(ImageError, match="truncated.jpg: unreadable image"):
+    with pytest.raises(ImageError, match="truncated.jpg: image file is unreadable or truncated"):
         scan_images(paths, 32, "error", workers=0, progress=False)
     report = scan_images(paths, 32, "skip", workers=0, progress=False)
     assert report.good == [good]

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from common.config import load_config
+from common.weights import trunk_features
 from pretrain.config import PretrainConfig
 from pretrain.export import check_loads_into_torchvision, extract_encoder
 from pretrain.losses import info_nce
-from pretrain.model import MoCoPrior, encoder_features
+from pretrain.model import MoCoPrior
 
 TINY = ["model.arch=resnet18", "model.head_hidden_dim=32", "model.out_dim=8", "model.split_bn_splits=2"]
 
@@ -79,12 +80,12 @@ def test_split_bn_folds_into_plain_torchvision_resnet():
     model.train()
     with torch.no_grad():  # a few train-mode passes so the per-split running statistics differ
         for i in range(3):
-            encoder_features(model.key_encoder, torch.randn(4, 3, 32, 32) * (i + 1) + i)
+            trunk_features(model.key_encoder, torch.randn(4, 3, 32, 32) * (i + 1) + i)
     state = extract_encoder(model.state_dict(), "key")
     net = check_loads_into_torchvision(state, "resnet18").eval()
     model.key_encoder.eval()
     x = torch.randn(2, 3, 64, 64)
-    ref = encoder_features(model.key_encoder, x)
+    ref = trunk_features(model.key_encoder, x)
     net.fc = torch.nn.Identity()  # torchvision's own forward: global-average-pooled layer4
     torch.testing.assert_close(net(x), ref.mean((2, 3)), rtol=1e-5, atol=1e-5)
 
@@ -95,8 +96,8 @@ def test_shuffle_bn_needs_several_processes():
 
 
 def test_init_weights_load_fully_or_fail(tmp_path):
-    from safetensors.torch import save_file
     import torchvision
+    from safetensors.torch import save_file
     full = torchvision.models.resnet18().state_dict()
     path = tmp_path / "r18.safetensors"
     save_file(full, str(path))

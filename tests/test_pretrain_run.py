@@ -16,9 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from common.config import load_config
+from common.weights import trunk_features
 from pretrain.config import PretrainConfig
 from pretrain.data import materialise_builtin
-from pretrain.model import MoCoPrior, encoder_features
+from pretrain.model import MoCoPrior
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -58,6 +59,7 @@ def launch(args: list[str], processes: int = 1, timeout: int = 300, wait: bool =
     return proc
 
 
+@pytest.mark.slow
 def test_end_to_end_through_accelerate_launch(shared_dirs, tmp_path):
     proc = launch(tiny_overrides(shared_dirs, tmp_path, "train.max_steps=3", "train.checkpoint_every=2"))
     run = tmp_path / "run"
@@ -89,12 +91,13 @@ def test_end_to_end_through_accelerate_launch(shared_dirs, tmp_path):
     model.eval(), net.eval()
     net.fc = torch.nn.Identity()
     x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(net(x), encoder_features(model.key_encoder, x).mean((2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net(x), trunk_features(model.key_encoder, x).mean((2, 3)), rtol=1e-5, atol=1e-5)
     pth = next(run.glob("prior_resnet18-*.pth"))
     for k, v in torch.load(pth, weights_only=True).items():
         assert torch.equal(v, state[k])
 
 
+@pytest.mark.slow
 def test_pooled_mode_and_export_cli(shared_dirs, tmp_path):
     launch(tiny_overrides(shared_dirs, tmp_path, "train.max_steps=2", "loss.local_mode=pooled",
                           "loss.pooled_regions=2", "aug.global_size=64", "train.export_at_end=false"))
@@ -105,6 +108,7 @@ def test_pooled_mode_and_export_cli(shared_dirs, tmp_path):
         assert fh.metadata()["encoder"] == "query"
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ranks_hold_identical_queues(shared_dirs, tmp_path):
     launch(tiny_overrides(shared_dirs, tmp_path, "train.max_steps=3", "train.export_at_end=false"), processes=2)
     state = json.loads((tmp_path / "run/checkpoints/step_0000003/train_state.json").read_text())
@@ -115,6 +119,7 @@ def test_two_process_gloo_ranks_hold_identical_queues(shared_dirs, tmp_path):
     assert int(extra["queue.global.ptr"]) == (3 * 8) % 40  # keys of both ranks were enqueued
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted_run(shared_dirs, tmp_path):
     common = ["train.max_steps=8", "train.checkpoint_every=2", "train.deterministic=true",
               "train.export_at_end=false", "train.keep_last=0"]

@@ -13,11 +13,10 @@ from PIL import Image
 from scipy.ndimage import maximum_filter, minimum_filter
 from skimage import data as skdata
 
-from superpixels.cache import (BadImageError, MissingSuperpixelsError, SuperpixelCache, list_images, main,
-                               precompute, read_rgb)
+from common.images import list_images, read_rgb
+from superpixels.cache import BadImageError, MissingSuperpixelsError, SuperpixelCache, main, precompute
 from superpixels.pooling import labels_to_grid, pool_regions, sample_shared_ids
-from superpixels.segment import (SuperpixelConfig, TooFewSegmentsError, compute_superpixels,
-                                 segment_ids_for_sampling)
+from superpixels.segment import SuperpixelConfig, TooFewSegmentsError, compute_superpixels, segment_ids_for_sampling
 from superpixels.transforms import JointViewTransform, PhotometricConfig, sample_segment_crop
 from superpixels.vis import PAD, save_boundary_grid, save_view_pair_grid, to_rgb_uint8
 
@@ -142,7 +141,7 @@ def test_precompute_two_workers_then_all_cached(tmp_path: Path) -> None:
     (folder / "sub").mkdir(parents=True)
     paths = [write_image(folder / ("sub" if i % 2 else "") / f"im{i}.{'png' if i % 3 else 'jpg'}", i)
              for i in range(6)]
-    assert list_images(folder) == sorted(map(str, paths))
+    assert list_images(folder) == sorted(paths)
     cfg = SuperpixelConfig(n_segments=8)
     report = precompute(list_images(folder), cfg, tmp_path / "cache", workers=2, progress=False)
     assert (report.total, report.computed, report.cached, report.bad) == (6, 6, 0, {})

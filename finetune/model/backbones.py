@@ -1,6 +1,6 @@
 """Frozen, dilated (output stride 8) torchvision backbones with PFENet's layer2/3/4 taps.
 
-Both the feature extractor F and the stage-1 prior extractor F_p are built here (spec §3.1):
+Both the feature extractor F and the stage-1 prior extractor F_p are built here :
 
 * ResNet-18/50/101 from torchvision, optionally with the PSPNet deep stem (three 3x3 convs 64, 64, 128) that
   PFENet's ``resnet50_v2.pth`` uses. Weights are loaded first, then layers 3 and 4 are dilated explicitly:
@@ -26,21 +26,21 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from finetune.model.weights import load_into, load_state_dict_file
-
-ARCHS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
-TAP_CHANNELS = {  # (layer2, layer3, layer4)
-    "resnet18": (128, 256, 512),
-    "resnet50": (512, 1024, 2048),
-    "resnet101": (512, 1024, 2048),
-    "mobilenet_v2": (32, 96, 1280),
-}
-CLASSIFIER_KEYS = {"resnet": {"fc.weight", "fc.bias"}, "mobilenet_v2": {"classifier.1.weight", "classifier.1.bias"}}
+from common.errors import WeightsError
+from common.weights import (
+    ARCHS,
+    MissingWeightsError,
+    arch_info,
+    export_arch,
+    load_torchvision_weights,
+    stages,
+    torchvision_net,
+)
 
 
 def classifier_keys(arch: str) -> set[str]:
     """State-dict keys of the ImageNet classifier, which the backbones never use."""
-    return CLASSIFIER_KEYS["resnet" if arch.startswith("resnet") else arch]
+    return set(arch_info(arch).classifier)
 
 
 class FrozenBackbone(nn.Module):
@@ -56,7 +56,7 @@ class FrozenBackbone(nn.Module):
         super().__init__()
         self.arch = arch
         self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.layer2_channels, self.layer3_channels, self.layer4_channels = TAP_CHANNELS[arch]
+        self.layer2_channels, self.layer3_channels, self.layer4_channels = ARCHS[arch].taps
         self.freeze_bn_stats = freeze_bn_stats
         self.requires_grad_(False)
 
@@ -96,8 +96,7 @@ def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_s
         deep_stem: ResNet with the PSPNet deep stem (the weights file must have ``conv1..conv3, bn1..bn3``).
         freeze_bn_stats: BatchNorm always in eval mode.
     """
-    if name not in ARCHS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {ARCHS}")
+    arch_info(name, "model.backbone")
     if deep_stem and name not in ("resnet50", "resnet101"):
         raise ValueError(f"deep_stem is a ResNet-50/101 option, backbone is {name}")
     if weights == "torchvision":
@@ -111,7 +110,7 @@ def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_s
                     f"state dict (.safetensors or .pth) there, or set model.backbone_weights=<file>, "
                     f"'torchvision' (needs the network) or 'random'")
             try:
-                _load(net, name, weights, hint)
+                load_torchvision_weights(net, name, weights, hint, "model.backbone_weights")
             except ValueError as err:
                 if name.startswith("resnet") and "conv1.weight" in str(err):
                     raise ValueError(f"{err}. Is model.deep_stem={deep_stem} right for this file?") from err
@@ -119,25 +118,47 @@ def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_s
     return FrozenBackbone(name, _stages(net, name, deep_stem), freeze_bn_stats)
 
 
-def build_prior(path: str, arch: str = "resnet50", freeze_bn_stats: bool = False) -> FrozenBackbone:
+def resolve_prior_arch(path: str, arch: str = "auto") -> str:
+    """The prior's architecture: the one its export records, checked against an explicit ``arch``.
+
+    Raises:
+        WeightsError: the two disagree (both named), or neither names one.
+        MissingWeightsError: ``path`` does not exist (with what to put there).
+    """
+    if path == "random":  # no file to read an architecture from: the reference prior's, unless named
+        return "resnet50" if arch == "auto" else arch
+    if not Path(path).is_file():
+        raise MissingWeightsError(f"model.prior: weights file not found: {path}. Export a stage-1 prior there with "
+                                  f"`python -m pretrain.export RUN_DIR --out {path}`, or set model.prior=<file> "
+                                  "(model.method=pfenet trains the baseline without a prior)")
+    recorded = export_arch(path)
+    if arch == "auto":
+        if recorded is None:
+            raise WeightsError(f"model.prior={path} records no architecture in its metadata; set model.prior_arch")
+        return recorded
+    if recorded is not None and recorded != arch:
+        raise WeightsError(f"model.prior_arch={arch}, but model.prior={path} records arch={recorded}; "
+                           "drop model.prior_arch or set it to the recorded one")
+    return arch
+
+
+def build_prior(path: str, arch: str = "auto", freeze_bn_stats: bool = False) -> FrozenBackbone:
     """The stage-1 prior extractor F_p (torchvision 7x7 stem), loaded from ``pretrain.export``'s file.
 
     Args:
         path: the exported state dict; only the classifier may be missing. ``"random"`` = random init.
-        arch: the stage-1 architecture (``resnet50``, ``resnet18``, ``mobilenet_v2``).
+        arch: the stage-1 architecture; ``auto`` reads it from the export (:func:`resolve_prior_arch`).
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown prior architecture {arch!r}; choose one of {ARCHS}")
+    arch = resolve_prior_arch(path, arch)
+    arch_info(arch, "model.prior_arch")
     net = _torchvision_net(arch, deep_stem=False)
     if path != "random":
-        hint = (f"Export a stage-1 {arch} prior there with `python -m pretrain.export RUN_DIR --out {path}`, "
-                "or set model.prior=<file> (model.prior=none trains the PFENet baseline)")
-        _load(net, arch, path, hint)
+        load_torchvision_weights(net, arch, path, key="model.prior")
     return FrozenBackbone(arch, _stages(net, arch, deep_stem=False), freeze_bn_stats)
 
 
 def _torchvision_net(name: str, deep_stem: bool) -> nn.Module:
-    net = getattr(torchvision.models, name)(weights=None)
+    net = torchvision_net(name)
     if deep_stem:  # PSPNet layout: conv1/bn1 .. conv3/bn3 at the top level, layer1 fed 128 channels
         net.conv1 = nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False)
         net.conv2 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
@@ -148,12 +169,6 @@ def _torchvision_net(name: str, deep_stem: bool) -> nn.Module:
         first.conv1 = nn.Conv2d(128, first.conv1.out_channels, 1, bias=False)
         first.downsample[0] = nn.Conv2d(128, first.downsample[0].out_channels, 1, bias=False)
     return net
-
-
-def _load(net: nn.Module, arch: str, path: str, hint: str) -> None:
-    head = classifier_keys(arch)
-    state = {k: v for k, v in load_state_dict_file(path, hint).items() if k not in head}
-    load_into(net, state, expected_missing=head, source=str(Path(path)))
 
 
 def _dilate(stage: nn.Module, dilation: int) -> None:
@@ -167,14 +182,8 @@ def _dilate(stage: nn.Module, dilation: int) -> None:
 
 
 def _stages(net: nn.Module, name: str, deep_stem: bool) -> list[nn.Module]:
-    if name.startswith("resnet"):
-        stem = [net.conv1, net.bn1, nn.ReLU(inplace=True)]
-        if deep_stem:
-            stem += [net.conv2, net.bn2, nn.ReLU(inplace=True), net.conv3, net.bn3, nn.ReLU(inplace=True)]
-        stages = [nn.Sequential(*stem, net.maxpool), net.layer1, net.layer2, net.layer3, net.layer4]
-    else:
-        f = net.features
-        stages = [f[:2], f[2:4], f[4:7], f[7:14], f[14:19]]
-    _dilate(stages[3], 2)
-    _dilate(stages[4], 4)
-    return stages
+    """torchvision's five stages with PFENet's dilation of layer3 (2) and layer4 (4): output stride 8."""
+    layers = stages(net, name, deep_stem)
+    _dilate(layers[3], 2)
+    _dilate(layers[4], 4)
+    return layers

@@ -1,7 +1,8 @@
-"""Config keys of the QGNet model (``model.*``): backbones, their weights, the prior, the FEM head.
+"""Config keys of the stage-2 model (``model.*``): which method, its backbones and weights, the prior, the head.
 
-Defaults are the reference PASCAL-5i model (spec §3.1-3.2, §8 rows 8-12): a frozen ResNet-50 feature
-extractor, a frozen stage-1 ResNet-50 prior, learned 3x3 projections for the prior region map, bins 60/30/15/8.
+Defaults are the reference PASCAL-5i QGNet: a frozen ResNet-50 feature extractor, a frozen stage-1 ResNet-50
+prior, learned 3x3 projections for the prior region map, FEM bins 60/30/15/8. Keys a method does not use are
+ignored by it (``prototype`` reads only the backbone and ``prototype_*`` keys).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from common.config import field
 
 @dataclass
 class ModelConfig:
+    method: str = field(
+        "qgnet", help="the registered few-shot method (finetune.methods): qgnet | pfenet (qgnet without the prior) "
+                      "| prototype (training-free masked-average prototypes)")
     backbone: Literal["resnet50", "resnet101", "mobilenet_v2"] = field(
         "resnet50", help="frozen feature extractor F (bridge and support features), dilated to output stride 8")
     backbone_weights: str = field(
@@ -28,8 +32,9 @@ class ModelConfig:
         "prior_r50.safetensors",
         help="stage-1 prior extractor exported by `python -m pretrain.export` (torchvision state dict); "
              "'none' = the PFENet baseline through the same code; 'random' = random init (smoke tests only)")
-    prior_arch: Literal["resnet50", "resnet18", "mobilenet_v2"] = field(
-        "resnet50", help="architecture of the exported prior (must match the stage-1 model.arch)")
+    prior_arch: Literal["auto", "resnet50", "resnet18", "mobilenet_v2"] = field(
+        "auto", help="architecture of the prior; auto = the 'arch' the stage-1 export records in its metadata "
+                     "(an explicit value must agree with it)")
     paper_literal: bool = field(
         False, help="prior map from the raw cosine of the frozen layer4 features (the paper's text) instead of "
                     "the reference code's trainable 3x3 projections; needs equal channel counts")
@@ -45,9 +50,17 @@ class ModelConfig:
         0, help="0 = full [N x N] cosine matrix per sample (reference); >0 = max-cosine in chunks of this many "
                 "query pixels, bounding memory at large inputs (same values)")
     dropout: float = field(0.5, help="Dropout2d after the 1x1 bridge reductions and the 3x3 prior projections")
+    prototype_layer: Literal["layer2", "layer3", "layer4", "layer3+layer4"] = field(
+        "layer3", help="prototype: the frozen backbone tap the prototypes are pooled on (all at output stride 8)")
+    prototype_scale: float = field(20.0, help="prototype: cosine temperature (PANet's 20; the argmax ignores it)")
 
     def validate(self) -> None:
         """Reject combinations that cannot build (raises ValueError naming the key)."""
+        from finetune.methods import METHODS  # the registry imports this module: resolve it at check time
+
+        if self.method not in METHODS:
+            raise ValueError(f"model.method={self.method!r} is not registered; choose one of "
+                             f"{', '.join(sorted(METHODS))}")
         if not self.bins or any(b <= 0 for b in self.bins):
             raise ValueError(f"model.bins must be a non-empty list of positive numbers, got {self.bins}")
         if any(b <= 1 for b in self.bins) and not all(b <= 1 for b in self.bins):
@@ -59,8 +72,9 @@ class ModelConfig:
         if self.deep_stem and self.backbone_weights == "torchvision":
             raise ValueError("torchvision has no deep-stem ResNet weights: set model.deep_stem=false or give a "
                              "PSPNet-style state dict in model.backbone_weights")
-        if self.paper_literal and self.prior == "none":
-            raise ValueError("model.paper_literal changes the prior map, but model.prior is 'none'")
+        if self.paper_literal and (self.prior == "none" or self.method != "qgnet"):
+            raise ValueError("model.paper_literal changes qgnet's prior map, but model.prior is 'none' or "
+                             f"model.method is {self.method!r}")
         if self.reduce_dim <= 0 or self.sim_chunk < 0 or self.aux_weight < 0:
             raise ValueError("model.reduce_dim must be > 0, model.sim_chunk and model.aux_weight >= 0")
         if not 0.0 <= self.dropout < 1.0:

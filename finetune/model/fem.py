@@ -1,4 +1,4 @@
-"""PFENet's Feature Enrichment Module (FEM) and classifier, the trainable decoder of QGNet (spec §3.2).
+"""PFENet's Feature Enrichment Module (FEM) and classifier, the trainable decoder of QGNet.
 
 Per bin b (finest first): pool the bridge features to b x b, concatenate the expanded prototype and the
 region maps resized to b x b, merge (1x1), add the inter-scale path from the previous (finer) bin

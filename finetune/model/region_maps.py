@@ -1,4 +1,4 @@
-"""The three query cues of QGNet (spec §3.3): prior region map, guided region map, category guider.
+"""The three query cues of QGNet: prior region map, guided region map, category guider.
 
 Cosine similarity is ``a.b / (|a| |b| + eps)`` with eps added to the *product* of the norms, as in the
 reference code. Similarities are computed in float32 even under autocast: min-max normalisation with

@@ -1,4 +1,4 @@
-"""PNG grids of evaluation episodes: support+mask | query | ground truth | prediction | prior map | guided map.
+"""PNG grids of evaluation episodes: support+mask | query | ground truth | prediction | the method's maps.
 
 PNG, not JPEG: JPEG smears mask edges. Images are un-normalised with the data pipeline's mean/std; masks are
 drawn with torchvision's ``draw_segmentation_masks``; region maps (values in [0, 1]) are shown as heat maps.
@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import draw_segmentation_masks, make_grid
+
+from common.io import atomic_path
 
 # the stage-2 transforms normalise 0-255 images with ImageNet statistics (PFENet's convention)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
@@ -39,26 +41,23 @@ def heatmap(region_map: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def episode_row(supports: Tensor, support_masks: Tensor, query: Tensor, target: Tensor, pred: Tensor,
-                prior_map: Tensor | None, guided_map: Tensor | None) -> list[Tensor]:
+                maps: list[Tensor]) -> list[Tensor]:
     """Panels of one episode, all ``[3,S,S]`` uint8.
 
     Args:
         supports ``[K,3,S,S]``, support_masks ``[K,S,S]``, query ``[3,S,S]``, target / pred ``[S,S]``,
-        prior_map / guided_map ``[1,h,w]`` (None when the model has no such map).
+        maps: the segmenter's named maps for this episode, each ``[1,h,w]`` in [0, 1], as heat maps.
     """
     size = tuple(query.shape[-2:])
     panels = [overlay(to_uint8(s), m, FG) for s, m in zip(supports, support_masks)]
     q = to_uint8(query)
     panels += [q, overlay(q, target, GT), overlay(q, pred, PRED)]
-    for region_map in (prior_map, guided_map):
-        panels.append(heatmap(region_map, size) if region_map is not None else torch.zeros_like(q))
+    panels += [heatmap(region_map, size) for region_map in maps]
     return panels
 
 
 def save_grid(rows: list[list[Tensor]], titles: list[str], path: str | Path) -> Path:
     """One row per episode (equal panel counts), a title line above each row, written as PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ncol = len(rows[0])
     grid = make_grid([p for row in rows for p in row], nrow=ncol, padding=4, pad_value=255)
     image = Image.fromarray(grid.permute(1, 2, 0).numpy())
@@ -69,10 +68,12 @@ def save_grid(rows: list[list[Tensor]], titles: list[str], path: str | Path) -> 
         top = i * (panel_h + 14)
         draw.text((4, top + 1), title, fill=(0, 0, 0))
         canvas.paste(image.crop((0, i * panel_h, image.width, (i + 1) * panel_h + 4)), (0, top + 14))
-    canvas.save(path)
-    return path
+    with atomic_path(path) as tmp:
+        canvas.save(tmp)
+    return Path(path)
 
 
-def column_titles(shot: int) -> str:
-    return " | ".join([f"support {i + 1}" for i in range(shot)] + ["query", "ground truth", "prediction",
-                                                                   "prior map", "guided map"])
+def column_titles(shot: int, map_names: list[str]) -> str:
+    """The grid's column captions, left to right."""
+    return " | ".join([f"support {i + 1}" for i in range(shot)] + ["query", "ground truth", "prediction"]
+                      + [f"{name} map" for name in map_names])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.base import DataError, FewShotBenchmark, Sample, check_same_size, read_label, read_rgb
+from common.images import read_rgb
+from fewshot.data.base import DataError, FewShotBenchmark, Sample, check_same_size, read_label
 
 SPLIT_DIR = Path(__file__).resolve().parent / "splits" / "fss"
 SPLIT_FILES = {"train": "trn.txt", "val": "val.txt", "test": "test.txt"}

@@ -1,7 +1,8 @@
 """Cross-domain few-shot benchmarks (CD-FSS, the PATNet protocol): ISIC-2018, Chest X-ray, Deepglobe, Kvasir-SEG.
 
 Models trained on PASCAL are tested on these target domains directly: 600 episodes per dataset, images
-squashed to 400x400 (``PROTOCOL_EPISODES`` / ``PROTOCOL_SIZE``), query and supports drawn from the same
+squashed to 400x400 (``eval.episodes: 600``, ``data.eval_size: 401`` in ``configs/finetune/cdfss_*.yaml``), query
+and supports drawn from the same
 class pool, masks binarised at 128 (value > 127 -> 1, else 0; there is no ignore label). Every benchmark is
 a ``split="test"`` index; class ids are the class folder names PATNet uses (1-based).
 
@@ -10,10 +11,10 @@ under ``$FSS_DATA``)::
 
     ISIC/                                        Isic2018, 2,594 images, 3 classes (1 nevus,
     ├── ISIC2018_Task1-2_Training_Input/           2 seborrheic keratosis, 3 melanoma)
-    │   └── <1|2|3>/ISIC_<id>.jpg                built by `python -m finetune.tools.prepare_isic`
+    │   └── <1|2|3>/ISIC_<id>.jpg                built by `python -m fewshot.tools.prepare_isic`
     └── ISIC2018_Task1_Training_GroundTruth/ISIC_<id>_segmentation.png
       or, flat:  images/ISIC_<id>.jpg + masks/ISIC_<id>_segmentation.png (+ class_id.csv, default: the
-                 one shipped in finetune/data/splits/isic/, PATNet's)
+                 one shipped in fewshot/data/splits/isic/, PATNet's)
 
     LungSegmentation/                            ChestXray, 1 class (lungs)
     ├── CXR_png/<id>.png                         grayscale X-rays (returned as RGB)
@@ -24,7 +25,7 @@ under ``$FSS_DATA``)::
 
     Deepglobe/                                   Deepglobe, 6 land-cover classes (1 agriculture, 2 urban,
     └── <1..6>/test/                               3 rangeland, 4 forest, 5 water, 6 barren)
-        ├── origin/<tile>.jpg                    408x408 tiles (python -m finetune.tools.prepare_deepglobe)
+        ├── origin/<tile>.jpg                    408x408 tiles (python -m fewshot.tools.prepare_deepglobe)
         └── groundtruth/<tile>.png               the tile's binary mask for that class folder's class
                                                  (IFA-style ``*_sat_<ij>.jpg`` / ``*_mask_<ij>.png`` names work too)
 
@@ -40,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.base import DataError, FewShotBenchmark, Sample, check_same_size, read_label, read_rgb
+from common.images import read_rgb
+from fewshot.data.base import DataError, FewShotBenchmark, Sample, check_same_size, read_label
 
 MASK_THRESHOLD = 128
 ISIC_CLASS_CSV = Path(__file__).resolve().parent / "splits" / "isic" / "class_id.csv"
@@ -102,8 +104,6 @@ class CrossDomainBenchmark(FewShotBenchmark):
         excluded: ``reason -> count`` of files found but deliberately not indexed (reported, never silent).
     """
 
-    PROTOCOL_EPISODES = 600
-    PROTOCOL_SIZE = 400
     DEFAULT_SUBDIR: str
 
     def __init__(self, root: str | Path, samples_by_class: dict[int, list[Sample]], class_names: dict[int, str],
@@ -194,7 +194,7 @@ class Isic2018(CrossDomainBenchmark):
                 samples[classes[image.stem]].append(Sample(image.stem, str(image), str(mask)))
             excluded["not in the class csv"] = unlisted
         else:
-            raise DataError(f"{root}: neither {self.IMAGES}/<1|2|3>/ (run finetune.tools.prepare_isic) "
+            raise DataError(f"{root}: neither {self.IMAGES}/<1|2|3>/ (run fewshot.tools.prepare_isic) "
                             "nor a flat images/ + masks/ layout was found")
         super().__init__(root, samples, class_names, excluded)
 

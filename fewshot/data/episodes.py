@@ -22,7 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from finetune.data.base import EpisodeSpec, FewShotBenchmark
+from common.io import write_json
+from fewshot.data.base import EpisodeSpec, FewShotBenchmark
 
 QueryOrder = Literal["random", "cycle", "shuffle"]
 FORMAT = "qgnet-episodes/1"
@@ -97,13 +98,9 @@ def episodes_hash(episodes: list[EpisodeSpec]) -> str:
 def save_episodes(episodes: list[EpisodeSpec], path: str | Path, meta: dict | None = None) -> str:
     """Write the list as JSON (with ``meta`` such as benchmark, fold, shot, seed) and return its hash."""
     digest = episodes_hash(episodes)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {"format": FORMAT, "hash": digest, "count": len(episodes), "meta": meta or {},
             "episodes": [[e.query, list(e.supports), e.class_id] for e in episodes]}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(body, separators=(",", ":")))
-    tmp.replace(path)
+    write_json(path, body, indent=None)
     return digest
 
 

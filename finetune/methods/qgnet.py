@@ -1,6 +1,7 @@
 """QGNet: PFENet with a query-only prior region map from a frozen self-supervised prior extractor.
 
-Shape walk at 473x473, k shots (spec §3.2); h = (473-1)/8+1 = 60:
+Registered as ``model.method=qgnet`` (and ``pfenet``: the same network without the prior). Shape walk at
+473x473, k shots; h = (473-1)/8+1 = 60:
 
     query [B,3,473,473] -> backbone layer2/3/4 [B,512|1024|2048,60,60]
     bridge Xq = down_query(cat[l3, l2])                              [B,256,60,60]
@@ -16,40 +17,25 @@ With ``prior: none`` the same code is PFENet (FEM input 513 instead of 514 chann
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot.segmenter import SegmenterOutput
+from finetune.methods.base import FewShotMethod, register
 from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
 from finetune.model.config import ModelConfig
 from finetune.model.fem import FEM
 from finetune.model.region_maps import guided_region_map, prior_region_map, projection, weighted_gap
 
 
-@dataclass
-class QGNetOutput:
-    """What :class:`QGNet` returns.
-
-    Attributes:
-        logits: ``[B,2,H,W]`` (background, foreground) at the input size.
-        aux_logits: one ``[B,2,b,b]`` per FEM bin.
-        prior_map: ``[B,1,h,w]`` prior region map (carries gradients), None without a prior.
-        guided_map: ``[B,1,h,w]`` guided region map averaged over shots (no gradient).
-    """
-
-    logits: Tensor
-    aux_logits: list[Tensor]
-    prior_map: Tensor | None
-    guided_map: Tensor
-
-
 def _reduce(cin: int, cout: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
 
 
-class QGNet(nn.Module):
+class QGNet(FewShotMethod):
     """Few-shot segmenter: frozen backbone (+ frozen prior) and a trainable PFENet/QGNet head.
 
     Args:
@@ -60,13 +46,14 @@ class QGNet(nn.Module):
         dropout: Dropout2d after ``down_query``/``down_supp`` and the prior projections.
         paper_literal: prior map from raw layer4 cosines (no ``down_learn_*``).
         sim_chunk: chunk size of the max-cosine (0 = full matrix).
+        aux_weight: weight of the per-bin auxiliary losses.
     """
 
     def __init__(self, backbone: FrozenBackbone, prior: FrozenBackbone | None, bins: list[float],
                  reduce_dim: int = 256, dropout: float = 0.5, paper_literal: bool = False,
-                 sim_chunk: int = 0) -> None:
+                 sim_chunk: int = 0, aux_weight: float = 1.0) -> None:
         super().__init__()
-        self.backbone, self.prior, self.sim_chunk = backbone, prior, sim_chunk
+        self.backbone, self.prior, self.sim_chunk, self.aux_weight = backbone, prior, sim_chunk, aux_weight
         bridge_in = backbone.layer2_channels + backbone.layer3_channels
         self.down_query = _reduce(bridge_in, reduce_dim, dropout)
         self.down_supp = _reduce(bridge_in, reduce_dim, dropout)
@@ -80,11 +67,11 @@ class QGNet(nn.Module):
             self.down_learn_unsuper = projection(prior.layer4_channels, reduce_dim, dropout)
         self.fem = FEM(bins, num_maps=1 if prior is None else 2, dim=reduce_dim)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The head's parameters (backbones are frozen): what the optimiser gets."""
-        return [p for p in self.parameters() if p.requires_grad]
+    def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """:func:`qgnet_loss` with ``model.aux_weight``."""
+        return qgnet_loss(out, target, self.aux_weight)
 
-    def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> QGNetOutput:
+    def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
         """Segment the query's foreground class given k annotated supports.
 
         Args:
@@ -105,14 +92,16 @@ class QGNet(nn.Module):
             guided.append(guided_region_map(q4, s4 * mask, self.sim_chunk))  # [B,1,h,w]
             prototypes.append(weighted_gap(self.down_supp(torch.cat([s3, s2], dim=1)), mask))  # [B,D,1,1]
         guided_map = torch.stack(guided).mean(dim=0)
-        maps, prior_map = [guided_map], None
+        maps = {"guided": guided_map}
         if self.prior is not None:
             p4 = self.prior(query)[2]                                        # [B,C',h,w]
-            prior_map = prior_region_map(q4, p4, self.down_learn_super, self.down_learn_unsuper, self.sim_chunk)
-            maps.append(prior_map)
-        logits, aux = self.fem(bridge, torch.stack(prototypes).mean(dim=0), maps)
+            maps = {"prior": prior_region_map(q4, p4, self.down_learn_super, self.down_learn_unsuper,
+                                              self.sim_chunk), **maps}
+        # FEM input order: [bridge, prototype, guided, prior] (the reference concatenation)
+        logits, aux = self.fem(bridge, torch.stack(prototypes).mean(dim=0), [maps[k] for k in ("guided", "prior")
+                                                                              if k in maps])
         logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=True)
-        return QGNetOutput(logits=logits, aux_logits=aux, prior_map=prior_map, guided_map=guided_map)
+        return SegmenterOutput(logits=logits, maps=maps, aux_logits=aux)
 
 
 def _check_inputs(query: Tensor, supports: Tensor, support_masks: Tensor) -> int:
@@ -130,14 +119,22 @@ def _check_inputs(query: Tensor, supports: Tensor, support_masks: Tensor) -> int
     return supports.shape[1]
 
 
+@register("qgnet")
 def build_qgnet(cfg: ModelConfig) -> QGNet:
     """QGNet (or the PFENet baseline when ``cfg.prior == "none"``) from the ``model.*`` config."""
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats)
     prior = None if cfg.prior == "none" else build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats)
-    return QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk)
+    return QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk,
+                 cfg.aux_weight)
 
 
-def qgnet_loss(out: QGNetOutput, target: Tensor, aux_weight: float = 1.0,
+@register("pfenet")
+def build_pfenet(cfg: ModelConfig) -> QGNet:
+    """PFENet: QGNet without the prior region map (``model.prior`` is not read)."""
+    return build_qgnet(dataclasses.replace(cfg, prior="none", paper_literal=False))
+
+
+def qgnet_loss(out: SegmenterOutput, target: Tensor, aux_weight: float = 1.0,
                ignore_index: int = 255) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(logits) + aux_weight * mean_j CE(upsampled aux_j)``, pixels equal to ``ignore_index`` ignored.
 

@@ -22,7 +22,9 @@ def default_root() -> str:
 class DataConfig:
     benchmark: str = field(
         "synthetic", help="pascal5i | coco20i | fss1000 | synthetic (a generated FSS-1000-layout set, the default "
-                          "when no data is given) | the cross-domain sets registered in finetune.data.registry")
+                          "when no data is given) | semantic (a generic images/ + labels/ + classes.json folder at "
+                          "data.root, see fewshot.data.semantic) | the cross-domain sets registered in "
+                          "fewshot.data.registry")
     root: str = field(default_root(), help="dataset root (default: $FSS_DATA, else ./datasets); the benchmark's "
                                            "folder inside it (VOC2012/, COCO2014/, FSS-1000/) is found automatically")
     fold: int | str = field(0, help="PASCAL-5i / COCO-20i fold 0-3 (its classes are the test classes); "
@@ -60,6 +62,21 @@ class DataConfig:
     synthetic_per_class: int = field(10, help="synthetic set: images per class")
     synthetic_size: int = field(160, help="synthetic set: image side in pixels")
     synthetic_seed: int = field(0, help="synthetic set: generation seed (the set is a pure function of it)")
+    semantic_folds: int = field(
+        0, help="semantic layout: k interleaved class folds; data.fold=i tests the classes at positions p % k == i "
+                "of the sorted class ids and trains on the rest. 0 = no folds: use data.semantic_classes, or "
+                "data.fold=all (every class in every split)")
+    semantic_classes: dict[str, list[str]] = field(
+        {}, help="semantic layout: explicit class split by name or id, e.g. {train: [car, road], val: [sky], "
+                 "test: [pedestrian]}; a missing train list = every class not in val / test. Excludes "
+                 "data.semantic_folds")
+    semantic_val_classes: list[str] = field(
+        [], help="semantic layout: validation classes (name or id), taken out of the training classes and never "
+                 "used by a training episode (with data.semantic_folds or data.fold=all)")
+    semantic_val_class_fraction: float = field(
+        0.0, help="semantic layout: share of the training classes moved to split 'val' (chosen by a hash of the "
+                  "class name and data.val_seed; at least one class). 0 = none: split 'val' then needs explicit "
+                  "validation classes or a 'val' image list in classes.json. data.val_fraction does not apply")
 
     def validate(self) -> None:
         """Reject values that cannot work (ValueError naming the key)."""
@@ -67,8 +84,13 @@ class DataConfig:
             size = getattr(self, key)
             if size < 9 or (size - 1) % 8:
                 raise ValueError(f"data.{key}={size} must be 8n+1 (e.g. 473, 401, 97)")
-        if self.fold not in (0, 1, 2, 3, -1, "all"):
+        if self.benchmark == "semantic" and self.semantic_folds:
+            if self.fold not in (-1, "all") and self.fold not in range(self.semantic_folds):
+                raise ValueError(f"data.fold={self.fold!r} must be 0-{self.semantic_folds - 1}, -1 or 'all' with "
+                                 f"data.semantic_folds={self.semantic_folds}")
+        elif self.fold not in (0, 1, 2, 3, -1, "all"):
             raise ValueError(f"data.fold={self.fold!r} must be 0-3, -1 or 'all'")
+        self._validate_semantic()
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.scale[0] <= 0 or self.scale[0] > self.scale[1]:
@@ -81,3 +103,27 @@ class DataConfig:
             raise ValueError(f"data.min_pixels={self.min_pixels} must be >= 0")
         if self.synthetic_classes < 3 or self.synthetic_per_class < 2:
             raise ValueError("data.synthetic_classes must be >= 3 and data.synthetic_per_class >= 2")
+
+    def _validate_semantic(self) -> None:
+        """The semantic-layout keys: a well-formed, unambiguous class split (ValueError naming the key)."""
+        if self.semantic_folds < 0 or self.semantic_folds == 1:
+            raise ValueError(f"data.semantic_folds={self.semantic_folds} must be 0 (no folds) or >= 2")
+        bad = [k for k in self.semantic_classes if k not in ("train", "val", "test")]
+        if bad:
+            raise ValueError(f"data.semantic_classes has split {bad[0]!r}; its splits are train, val, test")
+        if self.semantic_classes and self.semantic_folds:
+            raise ValueError("data.semantic_classes and data.semantic_folds are both set: give explicit class "
+                             "lists or interleaved folds, not both")
+        if self.semantic_classes.get("val") and self.semantic_val_classes:
+            raise ValueError("data.semantic_val_classes and data.semantic_classes.val are both set: give the "
+                             "validation classes once")
+        if not 0.0 <= self.semantic_val_class_fraction < 1.0:
+            raise ValueError(f"data.semantic_val_class_fraction={self.semantic_val_class_fraction} must be in [0, 1)")
+        if self.semantic_val_class_fraction > 0 and (self.semantic_val_classes or self.semantic_classes.get("val")):
+            raise ValueError("data.semantic_val_class_fraction and explicit validation classes are both set: "
+                             "give one of them")
+        if (self.benchmark == "semantic" and not self.semantic_folds and not self.semantic_classes
+                and self.fold not in (-1, "all")):
+            raise ValueError(f"data.benchmark=semantic with data.fold={self.fold!r} needs a class split: "
+                             f"data.semantic_folds=k (then data.fold=0..k-1), data.semantic_classes={{train: [...], "
+                             f"test: [...]}}, or data.fold=all (every class in every split)")

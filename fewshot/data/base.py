@@ -2,7 +2,7 @@
 
 A benchmark is an index, not a loader of batches: it knows which (image, mask) pairs exist for each class
 of a split and how to read one pair as a binary mask for a chosen class. Episodes (query + k supports +
-class) are drawn from that index by :mod:`finetune.data.episodes` from a seed alone, so the list is the
+class) are drawn from that index by :mod:`fewshot.data.episodes` from a seed alone, so the list is the
 same whatever the number of workers or processes; transforms and batching come after.
 """
 
@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from common.errors import DataError
+from common.images import exif_orientation
 
 IGNORE_INDEX = 255
 
@@ -96,23 +99,8 @@ class FewShotBenchmark(abc.ABC):
         return f"{type(self).__name__}(split={self.split!r}, classes={len(self.class_ids)} [{counts}])"
 
 
-class DataError(RuntimeError):
-    """Bad input data; the message always names the offending file and what is wrong with it."""
-
-
 # --------------------------------------------------------------------------------------------------
-# reading files: every failure becomes a DataError that names the file
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """An image file as uint8 RGB ``[H, W, 3]``."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: image file is missing") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: image file is unreadable or truncated ({err})") from err
+# reading files: every failure becomes a DataError that names the file (images: common.images.read_rgb)
 
 
 def read_label(path: str | Path, grey: bool = False) -> np.ndarray:
@@ -134,8 +122,11 @@ def read_label(path: str | Path, grey: bool = False) -> np.ndarray:
 def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: str, mask_path: str) -> None:
     """Raise DataError when an image and its mask differ in size."""
     if image.shape[:2] != mask.shape[:2]:
+        orientation = exif_orientation(image_path)
+        exif = (f"; the image carries EXIF orientation {orientation}: it is used as stored, so the mask must be "
+                f"drawn on the stored (unrotated) pixels" if orientation > 1 else "")
         raise DataError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its mask {mask_path} is "
-                        f"{mask.shape[1]}x{mask.shape[0]}")
+                        f"{mask.shape[1]}x{mask.shape[0]}{exif}")
 
 
 def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:

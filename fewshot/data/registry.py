@@ -5,26 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from finetune.data.base import FewShotBenchmark
-from finetune.data.coco import Coco20i
-from finetune.data.config import DataConfig
-from finetune.data.fss import Fss1000
-from finetune.data.pascal import Pascal5i
-from finetune.data.synthetic import SyntheticFss
+from fewshot.data.base import FewShotBenchmark
+from fewshot.data.coco import Coco20i
+from fewshot.data.config import DataConfig
+from fewshot.data.fss import Fss1000
+from fewshot.data.pascal import Pascal5i
+from fewshot.data.semantic import SemanticFolder
+from fewshot.data.synthetic import SyntheticFss
 
 BENCHMARKS: dict[str, type[FewShotBenchmark]] = {
     "pascal5i": Pascal5i,
     "coco20i": Coco20i,
     "fss1000": Fss1000,
     "synthetic": SyntheticFss,
+    "semantic": SemanticFolder,
 }
 
-# Cross-domain targets (PATNet protocol) live in finetune.data.crossdomain; registered when it is importable.
+# Cross-domain targets (PATNet protocol) live in fewshot.data.crossdomain; registered when it is importable.
 CROSS_DOMAIN = {"isic": "Isic2018", "chest_xray": "ChestXray", "deepglobe": "Deepglobe", "kvasir": "KvasirSeg"}
 try:
-    from finetune.data import crossdomain as _crossdomain
+    from fewshot.data import crossdomain as _crossdomain
 except ModuleNotFoundError as err:
-    if err.name != "finetune.data.crossdomain":  # the module exists but one of its imports is broken
+    if err.name != "fewshot.data.crossdomain":  # the module exists but one of its imports is broken
         raise
 else:
     BENCHMARKS.update({name: getattr(_crossdomain, cls) for name, cls in CROSS_DOMAIN.items()
@@ -50,6 +52,12 @@ def _synthetic(cfg: DataConfig, split: str) -> FewShotBenchmark:
                         cfg.synthetic_per_class, cfg.synthetic_size, cfg.synthetic_seed)
 
 
+def _semantic(cfg: DataConfig, split: str) -> FewShotBenchmark:
+    return SemanticFolder(cfg.root, split, cfg.fold, cfg.semantic_folds, cfg.semantic_classes or None,
+                          cfg.semantic_val_classes or None, cfg.semantic_val_class_fraction, cfg.val_seed,
+                          cfg.min_pixels, cfg.cache_dir)
+
+
 def _cross_domain(name: str) -> Callable[[DataConfig, str], FewShotBenchmark]:
     """Cross-domain sets are test-only; ``root`` may be $FSS_DATA (holding the set's folder) or the folder."""
     def build(cfg: DataConfig, split: str) -> FewShotBenchmark:
@@ -63,7 +71,7 @@ def _cross_domain(name: str) -> Callable[[DataConfig, str], FewShotBenchmark]:
 
 
 BUILDERS: dict[str, Callable[[DataConfig, str], FewShotBenchmark]] = {
-    "pascal5i": _pascal, "coco20i": _coco, "fss1000": _fss, "synthetic": _synthetic,
+    "pascal5i": _pascal, "coco20i": _coco, "fss1000": _fss, "synthetic": _synthetic, "semantic": _semantic,
     **{name: _cross_domain(name) for name in CROSS_DOMAIN if name in BENCHMARKS},
 }
 

@@ -3,7 +3,7 @@
 Every random choice of an item (its augmentation) comes from a generator seeded by
 ``(seed, epoch, episode_index, slot)``, so a batch is the same whatever ``num_workers`` is. Bad input
 (missing or corrupt file, image / mask size mismatch, label values out of range, a query without its class,
-a support without foreground) raises :class:`~finetune.data.base.DataError` naming the file, or with
+a support without foreground) raises :class:`~fewshot.data.base.DataError` naming the file, or with
 ``on_bad_sample='skip'`` the episode is dropped from its batch and listed in ``batch["skipped"]``.
 """
 
@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator, Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from finetune.data.base import IGNORE_INDEX, DataError, EpisodeSpec, FewShotBenchmark, Sample
+from fewshot.data.base import IGNORE_INDEX, DataError, EpisodeSpec, FewShotBenchmark, Sample
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[Tensor, Tensor]]
 STACKED = ("query", "query_mask", "supports", "support_masks", "class_id", "episode_index")
@@ -128,10 +128,3 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         for name in ("query_key", "support_keys", "query_mask_orig", "orig_size"):
             batch[name] = [x[name] for x in kept]
     return batch
-
-
-def make_loader(dataset: EpisodeDataset, batch_size: int, num_workers: int = 0, drop_last: bool = False,
-                pin_memory: bool = False) -> DataLoader:
-    """A sequential loader (episode order is already random) with :func:`collate`."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
-                      drop_last=drop_last, pin_memory=pin_memory)

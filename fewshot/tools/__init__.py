@@ -1,4 +1,4 @@
-"""One-off dataset preparation commands (``python -m finetune.tools.<name> --help``)."""
+"""One-off dataset preparation commands (``python -m fewshot.tools.<name> --help``)."""
 
 from __future__ import annotations
 

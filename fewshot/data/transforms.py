@@ -1,4 +1,4 @@
-"""Image + mask transforms of stage 2 (spec §3.5), on torch tensors through torchvision; no OpenCV.
+"""Image + mask transforms of stage 2, on torch tensors through torchvision; no OpenCV.
 
 Inputs are what a benchmark's ``load`` returns (uint8 RGB ``[H, W, 3]``, uint8 mask ``[H, W]`` in {0, 1, 255});
 outputs are a float image ``[3, S, S]`` normalised with the ImageNet statistics on the 0-255 scale (as PFENet)
@@ -17,8 +17,8 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from finetune.data.base import IGNORE_INDEX
-from finetune.data.config import DataConfig
+from fewshot.data.base import IGNORE_INDEX
+from fewshot.data.config import DataConfig
 
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)

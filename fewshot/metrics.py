@@ -1,4 +1,4 @@
-"""Few-shot segmentation metrics (spec §5.1): class-accumulated foreground IoU (mIoU) and FB-IoU.
+"""Few-shot segmentation metrics: class-accumulated foreground IoU (mIoU) and FB-IoU.
 
 For each class, intersections and unions of the foreground are summed over all its episodes and divided
 once: IoU_c = sum |P & G| / sum |P | G|; mIoU is the mean of IoU_c over the classes that had episodes. This is

@@ -1,6 +1,6 @@
 """Cut the DeepGlobe land-cover training set into PATNet's Deepglobe few-shot benchmark.
 
-    python -m finetune.tools.prepare_deepglobe --input deepglobe/train --out $FSS_DATA/Deepglobe [--workers 8]
+    python -m fewshot.tools.prepare_deepglobe --input deepglobe/train --out $FSS_DATA/Deepglobe [--workers 8]
 
 The recipe is PATNet's ``data/preprocess.py`` (the one every CD-FSS paper uses; IFA ships the same):
 
@@ -37,9 +37,10 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from finetune.data.base import DataError, check_same_size, read_rgb
-from finetune.data.crossdomain import DEEPGLOBE_CLASS_NAMES
-from finetune.tools import link_or_copy
+from common.images import read_rgb
+from fewshot.data.base import DataError, check_same_size
+from fewshot.data.crossdomain import DEEPGLOBE_CLASS_NAMES
+from fewshot.tools import link_or_copy
 
 DEEPGLOBE_COLOURS = {1: (255, 255, 0), 2: (0, 255, 255), 3: (255, 0, 255), 4: (0, 255, 0), 5: (0, 0, 255),
                      6: (255, 255, 255)}
@@ -162,7 +163,7 @@ def prepare_deepglobe(input_dir: str | Path, out_dir: str | Path, grid: int = GR
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 ok, 1 bad input or unexpected count)."""
-    parser = argparse.ArgumentParser(prog="python -m finetune.tools.prepare_deepglobe", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fewshot.tools.prepare_deepglobe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True,
                         help="DeepGlobe land-cover train folder (<id>_sat.jpg + <id>_mask.png)")

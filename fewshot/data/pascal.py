@@ -18,19 +18,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from finetune.data.base import (
-    IGNORE_INDEX, DataError, FewShotBenchmark, Sample, binary_mask, check_same_size, index_cache_dir,
-    is_held_out, read_label, read_rgb,
+from common.images import read_rgb
+from common.io import write_json
+from fewshot.data.base import (
+    IGNORE_INDEX,
+    DataError,
+    FewShotBenchmark,
+    Sample,
+    binary_mask,
+    check_same_size,
+    index_cache_dir,
+    is_held_out,
+    read_label,
 )
 
 SPLIT_DIR = Path(__file__).resolve().parent / "splits" / "pascal"
 TRAIN_LIST, TEST_LIST = "voc_sbd_merge_noduplicate.txt", "val.txt"
+PASCAL_TRAIN_LIST = SPLIT_DIR / TRAIN_LIST  # also the image list of the stage-1 VOC prior (no test image)
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
@@ -156,8 +165,5 @@ def pixel_counts(list_file: Path, mask_dir: Path, cache_dir: str | Path = "") ->
         check_label_values(label, path)
         hist = np.bincount(label.ravel(), minlength=256)
         counts[i] = {c: int(hist[c]) for c in range(1, NUM_CLASSES + 1) if hist[c]}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(counts))
-    tmp.replace(cache)
+    write_json(cache, counts, indent=None)
     return counts

@@ -1,6 +1,6 @@
 """Build PATNet's ISIC-2018 class folders from class_id.csv (the layout :class:`Isic2018` reads).
 
-    python -m finetune.tools.prepare_isic --input ISIC/ISIC2018_Task1-2_Training_Input --out ISIC \\
+    python -m fewshot.tools.prepare_isic --input ISIC/ISIC2018_Task1-2_Training_Input --out ISIC \\
         [--masks ISIC/ISIC2018_Task1_Training_GroundTruth] [--class-csv my_class_id.csv]
 
 writes ``<out>/ISIC2018_Task1-2_Training_Input/<1|2|3>/<id>.jpg`` (1 nevus, 2 seborrheic keratosis,
@@ -18,9 +18,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from finetune.data.base import DataError
-from finetune.data.crossdomain import ISIC_CLASS_CSV, ISIC_CLASS_IDS, ISIC_TRAIN_IMAGES, Isic2018, read_isic_class_csv
-from finetune.tools import link_or_copy
+from fewshot.data.base import DataError
+from fewshot.data.crossdomain import ISIC_CLASS_CSV, ISIC_CLASS_IDS, ISIC_TRAIN_IMAGES, Isic2018, read_isic_class_csv
+from fewshot.tools import link_or_copy
 
 
 def prepare_isic(input_dir: str | Path, out_dir: str | Path, class_csv: str | Path = ISIC_CLASS_CSV,
@@ -64,7 +64,7 @@ def prepare_isic(input_dir: str | Path, out_dir: str | Path, class_csv: str | Pa
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 ok, 1 bad or missing input)."""
-    parser = argparse.ArgumentParser(prog="python -m finetune.tools.prepare_isic", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fewshot.tools.prepare_isic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="folder holding the ISIC_<id>.jpg training images")
     parser.add_argument("--out", required=True, help="the ISIC benchmark root to build")

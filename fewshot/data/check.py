@@ -1,9 +1,9 @@
 """Check a dataset tree: per split and fold, how many images and (image, class) pairs per class, and the first
 missing or unreadable file. Exit status 1 when something is missing.
 
-    python -m finetune.data.check --benchmark pascal5i --root $FSS_DATA [--index-only]
-    python -m finetune.data.check --benchmark coco20i --root $FSS_DATA/COCO2014
-    python -m finetune.data.check --benchmark fss1000 --root $FSS_DATA --splits test
+    python -m fewshot.data.check --benchmark pascal5i --root $FSS_DATA [--index-only]
+    python -m fewshot.data.check --benchmark coco20i --root $FSS_DATA/COCO2014
+    python -m fewshot.data.check --benchmark fss1000 --root $FSS_DATA --splits test
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from finetune.data.base import DataError, FewShotBenchmark, Sample
-from finetune.data.config import DataConfig, default_root
-from finetune.data.registry import BUILDERS, build_benchmark
+from common.images import image_size
+from fewshot.data.base import DataError, FewShotBenchmark, Sample
+from fewshot.data.config import DataConfig, default_root
+from fewshot.data.registry import BUILDERS, build_benchmark
 
 FOLDED = ("pascal5i", "coco20i")
 
@@ -34,9 +35,13 @@ def file_problem(path: str, decode: bool) -> str | None:
     if not Path(path).is_file():
         return "missing"
     try:
-        with Image.open(path) as im:
-            if decode:
-                im.load()
+        if decode:
+            image_size(path)
+        else:
+            with Image.open(path):
+                pass
+    except DataError as err:
+        return str(err).removeprefix(f"{path}: ")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return f"unreadable ({err})"
     return None
@@ -56,7 +61,7 @@ def check_files(samples: dict[str, Sample], index_only: bool, decode: bool) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.data.check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fewshot.data.check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", required=True, choices=sorted(BUILDERS))
     parser.add_argument("--root", default=default_root(), help="dataset root (default: $FSS_DATA or ./datasets)")
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = DataConfig(benchmark=args.benchmark, root=args.root, min_pixels=args.min_pixels,
                       index_only=args.index_only, coco_year=args.year, cache_dir=args.cache_dir)
-    folds = [int(f) if f.lstrip("-").isdigit() else f for f in args.folds] if args.benchmark in FOLDED else [0]
+    # unfolded sets: FSS layouts use their split files; the semantic layout indexes every class with fold 'all'
+    unfolded = ["all"] if args.benchmark == "semantic" else [0]
+    folds = [int(f) if f.lstrip("-").isdigit() else f for f in args.folds] if args.benchmark in FOLDED else unfolded
     samples: dict[str, Sample] = {}
     failures = []
     for fold in folds:

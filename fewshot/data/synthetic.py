@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from finetune.data.fss import Fss1000
+from fewshot.data.fss import Fss1000
 
 SHAPES = ("disc", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent")
 TEXTURES = ("stripes", "checks", "dots", "mottled")

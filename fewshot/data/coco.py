@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 from functools import cached_property
 from pathlib import Path
 
@@ -28,8 +27,16 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from finetune.data.base import (
-    IGNORE_INDEX, DataError, FewShotBenchmark, Sample, check_same_size, index_cache_dir, is_held_out, read_rgb,
+from common.images import read_rgb
+from common.io import write_json
+from fewshot.data.base import (
+    IGNORE_INDEX,
+    DataError,
+    FewShotBenchmark,
+    Sample,
+    check_same_size,
+    index_cache_dir,
+    is_held_out,
 )
 
 NUM_CLASSES = 80
@@ -183,13 +190,11 @@ def union_areas(path: Path, cache_dir: str | Path = "") -> dict:
                 if not int(ann.get("iscrowd", 0)):
                     by_class.setdefault(class_of[ann["category_id"]], []).append(coco.annToRLE(ann))
             except (KeyError, TypeError, ValueError, IndexError) as err:
-                raise DataError(f"{path}: annotation {ann.get('id')} of image {image_id} is malformed ({err!r})") from err
+                raise DataError(f"{path}: annotation {ann.get('id')} of image {image_id} is malformed "
+                                f"({err!r})") from err
         areas = {str(c): int(mask_utils.area(mask_utils.merge(rles))) for c, rles in sorted(by_class.items())}
         if areas:
             images.append([image_id, coco.imgs[image_id]["file_name"], areas])
     index = {"category_ids": cats, "category_names": [coco.cats[c]["name"] for c in cats], "images": images}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index))
-    tmp.replace(cache)
+    write_json(cache, index, indent=None)
     return index

@@ -1,0 +1,36 @@
+"""What the evaluation core asks of a few-shot segmenter, whichever method it is.
+
+A segmenter is a callable ``(query [B,3,S,S], supports [B,K,3,S,S], support_masks [B,K,S,S]) ->``
+:class:`SegmenterOutput`. Support masks hold 1 = foreground, 0 = background, 255 = ignore (counted as
+background). Inputs are normalised with ImageNet statistics (``fewshot.data.transforms``); S = 8n+1.
+``finetune.methods`` registers the project's segmenters; anything with this signature can be scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+
+@dataclass
+class SegmenterOutput:
+    """A segmenter's answer for a batch of episodes.
+
+    Attributes:
+        logits: ``[B,2,S,S]`` (background, foreground) at the input size; the prediction is their argmax.
+        maps: named ``[B,1,h,w]`` maps in [0, 1] (e.g. QGNet's ``prior`` and ``guided`` region maps), drawn in
+            the PNG grids in this order and scored by the region-map recall analysis.
+        aux_logits: extra ``[B,2,b,b]`` logits that only a training loss uses.
+    """
+
+    logits: Tensor
+    maps: dict[str, Tensor] = field(default_factory=dict)
+    aux_logits: list[Tensor] = field(default_factory=list)
+
+
+class Segmenter(Protocol):
+    """Anything the evaluation core can score (an ``nn.Module`` in practice: it is moved and set to eval)."""
+
+    def __call__(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput: ...

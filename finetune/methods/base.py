@@ -1,0 +1,55 @@
+"""The interface every registered few-shot method implements, and the registry that names them.
+
+A method is an ``nn.Module`` built from the ``model.*`` config by a function registered under its name::
+
+    @register("prototype")
+    def build_prototype(cfg: ModelConfig) -> PrototypeBaseline: ...
+
+``forward(query [B,3,S,S], supports [B,K,3,S,S], support_masks [B,K,S,S]) -> SegmenterOutput`` (logits
+``[B,2,S,S]`` plus named maps for the PNG grids and the recall analysis, see :mod:`fewshot.segmenter`);
+``loss(out, target [B,S,S]) -> (scalar, {name: detached part})``; ``trainable_parameters()`` is what the
+optimiser gets; a method with none is training-free and is evaluated without a training run.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from fewshot.segmenter import SegmenterOutput
+from finetune.model.config import ModelConfig
+
+
+class FewShotMethod(nn.Module):
+    """Base class of the registered methods (see the module docstring for the contract)."""
+
+    def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
+        raise NotImplementedError
+
+    def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training loss of ``out`` against ``target [B,S,S]`` (0 / 1 / 255 = ignore)."""
+        raise NotImplementedError(f"{type(self).__name__} is training-free: it has no loss")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimiser updates (frozen backbones excluded)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def trains(self) -> bool:
+        """Whether the method has anything to train."""
+        return bool(self.trainable_parameters())
+
+
+Builder = Callable[[ModelConfig], FewShotMethod]
+METHODS: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Register a builder under ``model.method=<name>``; a name is registered once."""
+    def wrap(builder: Builder) -> Builder:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__module__}, {builder.__module__})")
+        METHODS[name] = builder
+        return builder
+    return wrap
