@@ -1,5 +1,6 @@
-"""The shared command line of both stages: ``--config FILE key.sub=value ... [--resume auto|DIR]``, and how
-entry points report errors of the user's input (the message alone; ``QGNET_DEBUG=1`` adds the traceback)."""
+"""The shared command line of both stages: ``--config FILE key.sub=value ... [--resume auto|DIR]
+[--allow-inexact-resume]``, and how entry points report errors of the user's input (the message alone;
+``QGNET_DEBUG=1`` adds the traceback)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Invocation(Generic[T]):
     cfg: T
     config_path: str | None
     resume: str | None  # None, "auto" or a checkpoint directory
+    allow_inexact: bool = False  # --allow-inexact-resume: resume despite setting / RNG differences
 
 
 def parse_run_args(schema: type[T], argv: list[str] | None, prog: str, default_config: str | Path | None = None,
@@ -39,6 +41,10 @@ def parse_run_args(schema: type[T], argv: list[str] | None, prog: str, default_c
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="'auto' (the default when the flag has no value) continues from the newest checkpoint"
                              " of the run folder; or a checkpoint folder")
+    parser.add_argument("--allow-inexact-resume", action="store_true",
+                        help="with --resume: continue even when the checkpoint was written with other settings "
+                             "(global batch, arch, total steps, ...) or its RNG state cannot be restored; the run "
+                             "is then no longer an exact continuation (each difference is warned about)")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     args = parser.parse_args(argv)
@@ -46,12 +52,14 @@ def parse_run_args(schema: type[T], argv: list[str] | None, prog: str, default_c
         for key, tp, default, text in describe(schema):
             print(f"{key:<36} {tp:<22} {default!r:<18} {text}")
         raise SystemExit(0)
+    if args.allow_inexact_resume and not args.resume:
+        parser.error("--allow-inexact-resume only applies with --resume [auto|DIR]")
     path = args.config or (str(default_config) if default_config else None)
     try:
         cfg = load_config(schema, path, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
-    return Invocation(cfg=cfg, config_path=path, resume=args.resume)
+    return Invocation(cfg=cfg, config_path=path, resume=args.resume, allow_inexact=args.allow_inexact_resume)
 
 
 @contextmanager

@@ -62,11 +62,28 @@ def read_rgb(source: str | Path | bytes, name: str | Path | None = None) -> np.n
     try:
         handle = Image.open(io.BytesIO(source)) if isinstance(source, bytes) else Image.open(source)
         with handle as im:
+            check_pixel_limit(im.size, name)
             return to_rgb8(im)
     except FileNotFoundError as err:
         raise DataError(f"{name}: image file is missing") from err
+    except DataError:
+        raise
     except Exception as err:
         raise _decode_error(name, err) from err
+
+
+def check_pixel_limit(size: tuple[int, int], name: object) -> None:
+    """Refuse an image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, as a DataError naming the file.
+
+    PIL itself only refuses twice its limit and merely warns between 1x and 2x; the project treats the limit
+    itself as the bound, so the same file is accepted or refused whatever path reads it.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = size[0] * size[1]
+    if limit is not None and pixels > limit:
+        raise DataError(f"{name}: image is too large to decode safely ({size[0]}x{size[1]} = {pixels} pixels, more "
+                        f"than PIL's decompression-bomb limit Image.MAX_IMAGE_PIXELS={limit}); downscale the file "
+                        "or leave it out")
 
 
 def _decode_error(name: object, err: Exception) -> DataError:
@@ -88,10 +105,13 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """
     try:
         with Image.open(path) as im:
+            check_pixel_limit(im.size, path)
             im.load()
             return im.size
     except FileNotFoundError as err:
         raise DataError(f"{path}: image file is missing") from err
+    except DataError:
+        raise
     except Exception as err:
         raise _decode_error(path, err) from err
 

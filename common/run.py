@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -20,7 +21,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from common.checkpoint import TRAIN_STATE, check_resume_compatible, find_checkpoint, load_checkpoint
+from common.checkpoint import (
+    TRAIN_STATE,
+    CheckpointError,
+    CheckpointWarning,
+    InexactResumeError,
+    check_resume_compatible,
+    find_checkpoint,
+    load_checkpoint,
+)
 from common.config import dump_yaml, flatten, save_config
 from common.runlog import MetricsLog, run_header
 
@@ -97,11 +106,15 @@ class Resumed:
     checkpoint: Path | None = None
 
 
-def resume_from(accelerator: Accelerator, run_dir: Path, resume: str | None, expected: dict[str, Any]) -> Resumed:
+def resume_from(accelerator: Accelerator, run_dir: Path, resume: str | None, expected: dict[str, Any],
+                allow_inexact: bool = False) -> Resumed:
     """Restore the newest (or the given) checkpoint into the prepared objects, or start fresh.
 
     ``expected`` holds the settings the checkpoint must have been written with (e.g. ``global_batch``, ``arch``);
-    a difference is an error naming both values, since the run could not continue exactly.
+    a difference is an error naming both values, since the run could not continue exactly. With
+    ``allow_inexact`` (``--allow-inexact-resume``) every such difference, and an RNG state that cannot be
+    restored, is accepted with a :class:`~common.checkpoint.CheckpointWarning`, and the run says that it is no
+    longer an exact continuation.
     """
     if not resume:
         return Resumed()
@@ -110,10 +123,53 @@ def resume_from(accelerator: Accelerator, run_dir: Path, resume: str | None, exp
         accelerator.print(f"--resume {resume}: no checkpoint in {run_dir}, starting from scratch")
         return Resumed()
     state = json.loads((found / TRAIN_STATE).read_text())
-    check_resume_compatible(state, expected, found)
-    extra, state = load_checkpoint(accelerator, found)
+    if not allow_inexact:
+        try:
+            check_resume_compatible(state, expected, found)
+            extra, state = load_checkpoint(accelerator, found)
+        except CheckpointError as err:
+            if not _is_inexact_refusal(err):
+                raise
+            raise type(err)(f"{err} (on the command line, --allow-inexact-resume continues anyway; the run is "
+                            "then no longer an exact continuation)") from err
+        accelerator.print(f"resumed from {found} at step {state['step']}")
+        return Resumed(state["step"], state, extra, found)
+    accepted, extra, state = _resume_inexactly(accelerator, found, state, expected)
     accelerator.print(f"resumed from {found} at step {state['step']}")
+    if accepted:
+        accelerator.print(f"--allow-inexact-resume: accepted: {' | '.join(accepted)}. The run is no longer an exact "
+                          f"continuation of {found}")
+    else:
+        accelerator.print("--allow-inexact-resume: the checkpoint matched this run's settings and RNG state; it "
+                          "continues exactly")
     return Resumed(state["step"], state, extra, found)
+
+
+def _is_inexact_refusal(err: CheckpointError) -> bool:
+    """A refusal that ``--allow-inexact-resume`` would lift: other settings, or an unusable RNG state (not a
+    damaged checkpoint)."""
+    return isinstance(err, InexactResumeError) or "resume with the same settings" in str(err)
+
+
+def _resume_inexactly(accelerator: Accelerator, found: Path, state: dict[str, Any], expected: dict[str, Any]
+                      ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Any]]:
+    """Check and load ``found`` with every difference allowed.
+
+    Returns the accepted differences (the checkpoint module's warnings about them, which are passed on as
+    well), the extra tensors and the train state.
+    """
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CheckpointWarning)
+            check_resume_compatible(state, expected, found, allow=set(expected))
+            extra, loaded = load_checkpoint(accelerator, found, allow_inexact=True)
+    finally:
+        for w in caught:  # pass every warning on, with its origin
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    accepted = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)
+                and any(m in str(w.message) for m in ("no longer an exact continuation", "would not be exact"))]
+    return accepted, extra, loaded
 
 
 class TrainLog:

@@ -99,8 +99,8 @@ def trunk_features(net: nn.Module, x: Tensor, last: int = 4) -> Tensor:
     return net.features[:MOBILENET_STAGE_ENDS[last]](x)
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a safetensors file ({} for other files or none)."""
+def read_metadata(path: str | Path, key: str = "") -> dict[str, str]:
+    """The string metadata of a safetensors file ({} for other files or none); ``key`` names the config key."""
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
@@ -108,12 +108,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
-        raise WeightsError(f"{path}: not a readable safetensors file ({err})") from err
+        where = f"{key}: " if key else ""
+        raise WeightsError(f"{where}{path}: not a readable safetensors file ({err})") from err
 
 
-def export_arch(path: str | Path) -> str | None:
+def export_arch(path: str | Path, key: str = "") -> str | None:
     """The ``arch`` recorded by ``python -m pretrain.export`` in a prior file's metadata, or None."""
-    return read_metadata(path).get("arch")
+    return read_metadata(path, key).get("arch")
 
 
 def load_state_dict_file(path: str | Path, hint: str = "", key: str = "") -> dict[str, Tensor]:

@@ -78,6 +78,9 @@ class EvalConfig:
                                            help="region-map recall analysis (paper Table 7); [] = off")
     max_skipped: float = field(0.1, help="with data.on_bad_sample=skip: an evaluation with a larger share of "
                                          "skipped (bad) episodes is an error, never a number")
+    compare_with: list[str] = field(
+        ["prototype"], help="training-free methods evaluated on the same episodes after the method, side by side in "
+                            "<eval dir>/table.md (what learning adds over no learning); [] = none")
     episodes_file: str = field("", help="evaluate exactly the episodes of this saved list (an episodes_*.json "
                                         "written next to earlier results) instead of drawing them")
     out_dir: str = field("", help="where results go (default: <run dir>/eval)")
@@ -90,6 +93,11 @@ class EvalConfig:
             raise ValueError("eval.seeds must list at least one seed")
         if not 0.0 <= self.max_skipped < 1.0:
             raise ValueError(f"eval.max_skipped={self.max_skipped} must be in [0, 1)")
+        from finetune.methods import METHODS  # the registry imports the model config, not this module
+
+        unknown = [m for m in self.compare_with if m not in METHODS]
+        if unknown:
+            raise ValueError(f"eval.compare_with: {unknown[0]!r} is not a registered method ({', '.join(METHODS)})")
 
 
 @dataclass

@@ -57,8 +57,12 @@ def make_optimizer(cfg: FinetuneConfig, model: FewShotMethod) -> torch.optim.Opt
 
 
 def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, run_dir: Path,
-          train_set: FewShotBenchmark, val_set: FewShotBenchmark | None, resume: str | None = None) -> TrainResult:
-    """Train ``model``'s trainable parameters on episodes of ``train_set``; validate on ``val_set``."""
+          train_set: FewShotBenchmark, val_set: FewShotBenchmark | None, resume: str | None = None,
+          allow_inexact: bool = False) -> TrainResult:
+    """Train ``model``'s trainable parameters on episodes of ``train_set``; validate on ``val_set``.
+
+    ``allow_inexact``: resume even from a checkpoint written with other settings (said, never silent).
+    """
     tc = cfg.train
     world, rank = accelerator.num_processes, accelerator.process_index
     transform = build_transform(cfg.data, train=True)
@@ -74,7 +78,8 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
     model, optimizer = accelerator.prepare(model, optimizer)
     core: FewShotMethod = accelerator.unwrap_model(model)
     resumed = resume_from(accelerator, run_dir, resume, {
-        "global_batch": tc.batch_size * world, "method": cfg.model.method, "total_steps": total_steps})
+        "global_batch": tc.batch_size * world, "method": cfg.model.method, "total_steps": total_steps},
+        allow_inexact=allow_inexact)
     step, checkpoint = resumed.step, resumed.checkpoint
     best = resumed.state.get("best_val_miou", -1.0)
     best_path = run_dir / BEST if (run_dir / BEST).is_file() else None

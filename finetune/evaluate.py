@@ -12,6 +12,8 @@ overrides: ``data.fold=0 eval.shot=5 eval.seeds=[321,322,323] eval.episodes=5000
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,12 +22,14 @@ from accelerate import Accelerator
 
 from common.cli import parse_run_args, user_errors
 from common.config import save_config
-from common.errors import WeightsError
+from common.errors import DataError, WeightsError
+from common.io import write_text
 from common.weights import load_state_dict_file
 from fewshot.data.base import FewShotBenchmark
 from fewshot.data.episodes import load_episodes
-from fewshot.data.registry import build_benchmark
+from fewshot.data.sources import Splits, build_splits
 from fewshot.evaluate import check_episodes, evaluate_seeds
+from fewshot.report import results_table
 from finetune.config import FinetuneConfig, eval_spec
 from finetune.engine import BEST, LAST
 from finetune.methods import FewShotMethod, build_method
@@ -52,16 +56,27 @@ def load_weights(model: FewShotMethod, weights: Path) -> FewShotMethod:
     return model
 
 
-def check_eval_split(cfg: FinetuneConfig) -> FewShotBenchmark:
-    """Index the split the run will be evaluated on and read every pair its episodes use (bad data fails now)."""
-    benchmark = build_benchmark(cfg.data, cfg.eval.split)
+def eval_benchmarks(cfg: FinetuneConfig, splits: Splits | None = None) -> dict[str, FewShotBenchmark]:
+    """The benchmarks ``eval.split`` names, one per source (``val``: the joined validation classes)."""
+    if cfg.eval.split == "test":
+        benches = (splits or build_splits(cfg.data, need_train=False)).test
+    else:
+        splits = splits or build_splits(cfg.data)
+        benches = {"val": splits.val} if splits.val is not None else {}
+    if not benches:
+        raise DataError(f"no source has a {cfg.eval.split!r} split to evaluate (see data.sources / data.val_*)")
+    return benches
+
+
+def check_eval_splits(cfg: FinetuneConfig, benches: dict[str, FewShotBenchmark]) -> None:
+    """Read every pair the evaluation episodes use, before any training (bad data must fail now)."""
     episodes = load_episodes(cfg.eval.episodes_file) if cfg.eval.episodes_file else None
-    check_episodes(benchmark, eval_spec(cfg), list(cfg.eval.seeds), episodes)
-    return benchmark
+    for bench in benches.values():
+        check_episodes(bench, eval_spec(cfg), list(cfg.eval.seeds), episodes)
 
 
 def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, benchmark: FewShotBenchmark,
-                   out_dir: Path, checkpoint: str, weights: Path | None = None) -> dict:
+                   out_dir: Path, checkpoint: str, weights: Path | None = None, source: str = "") -> dict:
     """Evaluate ``model`` (with ``weights`` loaded, if given) on ``benchmark`` with every seed; returns results."""
     if weights is not None:
         load_weights(accelerator.unwrap_model(model), weights)
@@ -71,12 +86,13 @@ def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShot
         save_config(cfg, out_dir / "config.yaml")
     spec = eval_spec(cfg)
     episodes = load_episodes(cfg.eval.episodes_file) if cfg.eval.episodes_file else None
-    meta = {"method": cfg.model.method, "benchmark": cfg.data.benchmark, "fold": str(cfg.data.fold),
-            "checkpoint": checkpoint, **({"episodes_file": cfg.eval.episodes_file} if episodes else {})}
+    name = source if cfg.data.sources else cfg.data.benchmark
+    meta = {"method": cfg.model.method, "benchmark": name, "fold": str(cfg.data.fold), "checkpoint": checkpoint,
+            **({"episodes_file": cfg.eval.episodes_file} if episodes else {})}
     results = evaluate_seeds(model, benchmark, spec, list(cfg.eval.seeds), accelerator, out_dir, meta,
                              cfg.eval.vis_episodes, cfg.eval.recall_thresholds, episodes)
     n = len(results["seeds"])
-    accelerator.print(f"{cfg.model.method} on {cfg.data.benchmark} fold {cfg.data.fold} {results['shot']}-shot "
+    accelerator.print(f"{cfg.model.method} on {name} fold {cfg.data.fold} {results['shot']}-shot "
                       f"({results['protocol']}, {results['episodes']} episodes x {n} seeds): "
                       f"mIoU {100 * results['miou_mean']:.2f}"
                       + (f" ± {100 * results['miou_std']:.2f}" if n > 1 else "")
@@ -84,6 +100,45 @@ def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShot
     accelerator.print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}; "
                       f"pictures: {out_dir}/grid_*.png")
     return results
+
+
+def evaluate_all(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod,
+                 benches: dict[str, FewShotBenchmark], out_dir: Path, checkpoint: str,
+                 weights: Path | None = None) -> dict:
+    """The method, then each ``eval.compare_with`` baseline, on the same episodes of every source; one table.
+
+    Layout: ``out_dir/[<source>/]results.json`` for the method, ``.../vs_<baseline>/results.json`` beside it,
+    and ``out_dir/table.md`` (rows: methods, columns: sources). Returns the method's results (several sources:
+    ``{"method", "per_source": {source: results}, "miou_mean", "fbiou_mean"}``, the means over sources).
+    """
+    several = len(benches) > 1
+    per_source, every = {}, []
+    for source, bench in benches.items():
+        where = out_dir / source if several else out_dir
+        per_source[source] = run_evaluation(cfg, accelerator, model, bench, where, checkpoint, weights, source)
+        weights = None  # loaded once
+        every.append(per_source[source])
+    for name in cfg.eval.compare_with:
+        if name == cfg.model.method:
+            continue
+        base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, method=name))
+        baseline = build_method(base_cfg.model)
+        if baseline.trains:
+            raise WeightsError(f"eval.compare_with: {name} has trained parameters; only training-free methods "
+                               "(e.g. prototype) can be compared without a run of their own")
+        for source, bench in benches.items():
+            where = (out_dir / source if several else out_dir) / f"vs_{name}"
+            every.append(run_evaluation(base_cfg, accelerator, baseline, bench, where, "none (training-free)",
+                                        source=source))
+    if accelerator.is_main_process and (several or cfg.eval.compare_with):
+        table = results_table(every, by="benchmark")
+        write_text(out_dir / "table.md", table)
+        accelerator.print(f"\n{table}\ntable: {out_dir / 'table.md'}")
+    if not several:
+        return next(iter(per_source.values()))
+    return {"method": cfg.model.method, "per_source": per_source,
+            "miou_mean": statistics.mean(r["miou_mean"] for r in per_source.values()),
+            "fbiou_mean": statistics.mean(r["fbiou_mean"] for r in per_source.values())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,9 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir = run_dir / "eval"
     else:
         out_dir = Path(cfg.train.out_dir) / f"{cfg.model.method}_{cfg.data.benchmark}_fold{cfg.data.fold}" / "eval"
-    benchmark = check_eval_split(cfg)
-    results = run_evaluation(cfg, accelerator, model, benchmark, out_dir,
-                             str(weights) if weights else "none (training-free)", weights)
+    benches = eval_benchmarks(cfg)
+    check_eval_splits(cfg, benches)
+    results = evaluate_all(cfg, accelerator, model, benches, out_dir,
+                           str(weights) if weights else "none (training-free)", weights)
     accelerator.end_training()
     return results
 

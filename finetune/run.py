@@ -20,10 +20,10 @@ if __package__ in (None, ""):  # `accelerate launch finetune/run.py` puts finetu
 
 from common.cli import parse_run_args, user_errors  # noqa: E402
 from common.run import start_run  # noqa: E402
-from fewshot.data.registry import build_benchmark  # noqa: E402
+from fewshot.data.sources import build_splits  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.engine import LAST, train  # noqa: E402
-from finetune.evaluate import check_eval_split, run_evaluation  # noqa: E402
+from finetune.evaluate import check_eval_splits, eval_benchmarks, evaluate_all  # noqa: E402
 from finetune.methods import build_method  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,29 +40,29 @@ def main(argv: list[str] | None = None) -> dict:
                             cfg.train.deterministic, cfg.train.trackers, header={"method": cfg.model.method})
 
     model = build_method(cfg.model)
-    test_set = check_eval_split(cfg)  # bad test data must stop the run now, not after training
+    # every split the run will use is indexed, checked for class overlaps and (test) read now, not after training
+    splits = build_splits(cfg.data, need_train=model.trains, need_val=model.trains and cfg.train.val_every > 0)
+    test_sets = eval_benchmarks(cfg, splits)
+    check_eval_splits(cfg, test_sets)
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else run_dir / "eval"
     if not model.trains:
         accelerator.print(f"{cfg.model.method} is training-free: evaluating it directly")
-        results = run_evaluation(cfg, accelerator, model, test_set, out_dir, checkpoint="none (training-free)")
+        results = evaluate_all(cfg, accelerator, model, test_sets, out_dir, checkpoint="none (training-free)")
         accelerator.end_training()
         return results
 
-    train_set = build_benchmark(cfg.data, "train")
-    val_set = build_benchmark(cfg.data, "val") if cfg.train.val_every else None
-    if val_set is not None and not val_set.class_ids:
-        val_set = None
+    val_set = splits.val if cfg.train.val_every else None
     n_train = sum(p.numel() for p in model.trainable_parameters())
     n_all = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"train: {train_set}\nval: {val_set}\ntest: {test_set}\n"
+    accelerator.print(f"train: {splits.train}\nval: {val_set}\ntest: {', '.join(map(repr, test_sets.values()))}\n"
                       f"parameters: {n_train:,} trained of {n_all:,}")
-    result = train(cfg, accelerator, model, run_dir, train_set, val_set, inv.resume)
+    result = train(cfg, accelerator, model, run_dir, splits.train, val_set, inv.resume, inv.allow_inexact)
 
     weights = result.best_weights or run_dir / LAST
     accelerator.print(f"checkpoint: {result.checkpoint}\nweights evaluated: {weights}"
                       + (f" (best validation mIoU {100 * result.best_val_miou:.2f})" if result.best_weights else ""))
     accelerator.print(f"tensorboard logs: {run_dir / 'finetune'}  (tensorboard --logdir {run_dir})")
-    results = run_evaluation(cfg, accelerator, model, test_set, out_dir, checkpoint=str(weights), weights=weights)
+    results = evaluate_all(cfg, accelerator, model, test_sets, out_dir, checkpoint=str(weights), weights=weights)
     accelerator.end_training()  # closes the trackers and, with several processes, the process group
     return results
 

@@ -118,7 +118,7 @@ def check_queues_agree(queues: dict[str, FeatureQueue], accelerator: Accelerator
 
 
 def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_paths: list[Path],
-          cache_dir: Path, resume: str | None = None) -> TrainResult:
+          cache_dir: Path, resume: str | None = None, allow_inexact: bool = False) -> TrainResult:
     """Pretrain the prior extractor on ``image_paths``; returns the final step and checkpoint folder."""
     dataset = PretrainImages(image_paths, cfg, cache_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -144,7 +144,8 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
     core: MoCoPrior = accelerator.unwrap_model(model)
 
     resumed = resume_from(accelerator, run_dir, resume, {
-        "global_batch": global_batch, "arch": cfg.model.arch, "total_steps": total_steps})
+        "global_batch": global_batch, "arch": cfg.model.arch, "total_steps": total_steps},
+        allow_inexact=allow_inexact)
     if resumed.checkpoint is not None:
         restore_queues(queues, {k: v.to(accelerator.device) for k, v in resumed.extra.items()})
     step, checkpoint = resumed.step, resumed.checkpoint

@@ -21,6 +21,7 @@ from accelerate import DistributedDataParallelKwargs  # noqa: E402
 from common.cli import parse_run_args, user_errors  # noqa: E402
 from common.io import write_text  # noqa: E402
 from common.run import start_run  # noqa: E402
+from common.weights import load_state_dict_file  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.data import prepare_images, save_superpixel_grid  # noqa: E402
 from pretrain.engine import train  # noqa: E402
@@ -30,10 +31,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO_ROOT / "configs" / "pretrain" / "quickstart_cpu.yaml"
 
 
+def check_init_weights(cfg: PretrainConfig) -> None:
+    """Read ``model.init_weights`` once, when set, so that a missing or unreadable file is reported at once.
+
+    Only the file is read (no network is built, no random number drawn); whether it fits the architecture is
+    checked when the model is created.
+
+    Raises:
+        WeightsError: naming ``model.init_weights`` and the file.
+    """
+    if cfg.model.init_weights:
+        load_state_dict_file(cfg.model.init_weights, key="model.init_weights")
+
+
 def main(argv: list[str] | None = None) -> Path | None:
+    """Run stage 1 from the command line (``argv`` without the program name); returns the last checkpoint."""
     inv = parse_run_args(PretrainConfig, argv, prog="accelerate launch pretrain/run.py",
                          default_config=QUICKSTART, description=__doc__)
     cfg = inv.cfg
+    check_init_weights(cfg)  # a bad file must fail now, not after the image scan and the superpixel pass
     run_name = cfg.train.run_name or (Path(inv.config_path).stem if inv.config_path else "default")
     run_dir = Path(cfg.train.out_dir) / run_name
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not (cfg.uses_global and cfg.uses_local))
@@ -56,7 +72,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     accelerator.wait_for_everyone()
     image_paths = [Path(line) for line in image_list.read_text().splitlines()]
 
-    result = train(cfg, accelerator, run_dir, image_paths, cache_dir, resume=inv.resume)
+    result = train(cfg, accelerator, run_dir, image_paths, cache_dir, resume=inv.resume,
+                   allow_inexact=inv.allow_inexact)
 
     if accelerator.is_main_process and result.checkpoint is not None:
         accelerator.print(f"checkpoint:       {result.checkpoint}")

@@ -292,8 +292,8 @@ def test_registry_and_config_keys(tree):
         load_config(DataConfig, overrides=["semantic_classes={dev: [a]}"])
     with pytest.raises(ConfigError, match="not both"):
         load_config(DataConfig, overrides=["semantic_classes={test: [a]}", "semantic_folds=2"])
-    with pytest.raises(ConfigError, match="semantic_val_class_fraction=1.0 must be in"):
-        load_config(DataConfig, overrides=["semantic_val_class_fraction=1.0"])
+    with pytest.raises(ConfigError, match="val_class_fraction=1.0 must be in"):
+        load_config(DataConfig, overrides=["val_class_fraction=1.0"])
     with pytest.raises(ConfigError, match="unknown config key 'semantic_fold'"):
         load_config(DataConfig, overrides=["semantic_fold=2"])
 

@@ -115,6 +115,8 @@ def read_label(path: str | Path, grey: bool = False) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError as err:
         raise DataError(f"{path}: label file is missing") from err
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: label file is too large to decode safely ({err})") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: label file is unreadable or truncated ({err})") from err
 

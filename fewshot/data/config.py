@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from common.config import field
 
@@ -70,13 +70,17 @@ class DataConfig:
         {}, help="semantic layout: explicit class split by name or id, e.g. {train: [car, road], val: [sky], "
                  "test: [pedestrian]}; a missing train list = every class not in val / test. Excludes "
                  "data.semantic_folds")
-    semantic_val_classes: list[str] = field(
-        [], help="semantic layout: validation classes (name or id), taken out of the training classes and never "
-                 "used by a training episode (with data.semantic_folds or data.fold=all)")
-    semantic_val_class_fraction: float = field(
-        0.0, help="semantic layout: share of the training classes moved to split 'val' (chosen by a hash of the "
-                  "class name and data.val_seed; at least one class). 0 = none: split 'val' then needs explicit "
-                  "validation classes or a 'val' image list in classes.json. data.val_fraction does not apply")
+    val_classes: list[str] = field(
+        [], help="validation classes by name: taken out of the training classes of every source and never used "
+                 "by a training episode; model selection scores them (class-disjoint from training and test)")
+    val_class_fraction: float = field(
+        0.0, help="instead of data.val_classes: this share of all training class names (at least one), chosen by "
+                  "a hash of the name and data.val_seed. 0 and no data.val_classes = each benchmark's own 'val' "
+                  "split (PASCAL / COCO: held-out images of the training classes, data.val_fraction)")
+    sources: list[dict[str, Any]] = field(
+        [], help="train on several datasets at once: a list of data.* overrides, each with a unique 'name', an "
+                 "optional 'weight' (episodes drawn per source by weight; 0 = in proportion to its (image, class) "
+                 "pairs) and 'test: false' for a training-only source. Test results are reported per source")
 
     def validate(self) -> None:
         """Reject values that cannot work (ValueError naming the key)."""
@@ -91,6 +95,7 @@ class DataConfig:
         elif self.fold not in (0, 1, 2, 3, -1, "all"):
             raise ValueError(f"data.fold={self.fold!r} must be 0-3, -1 or 'all'")
         self._validate_semantic()
+        self._validate_sources()
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.scale[0] <= 0 or self.scale[0] > self.scale[1]:
@@ -104,6 +109,24 @@ class DataConfig:
         if self.synthetic_classes < 3 or self.synthetic_per_class < 2:
             raise ValueError("data.synthetic_classes must be >= 3 and data.synthetic_per_class >= 2")
 
+    def _validate_sources(self) -> None:
+        """Each ``data.sources`` entry: a unique name and valid data.* keys (built here, so errors come now)."""
+        if not self.sources:
+            return
+        from fewshot.data.sources import source_configs  # sources imports this module
+
+        names = [entry.get("name") if isinstance(entry, dict) else None for entry in self.sources]
+        for i, (entry, name) in enumerate(zip(self.sources, names)):
+            if not name or not isinstance(name, str):
+                raise ValueError(f"data.sources[{i}] needs a 'name' (used in keys, class names and result tables)")
+            if names.count(name) > 1:
+                raise ValueError(f"data.sources[{i}]: name {name!r} is used twice")
+            if "sources" in entry:
+                raise ValueError(f"data.sources[{i}] ({name}): sources do not nest")
+            if float(entry.get("weight", 0.0)) < 0:
+                raise ValueError(f"data.sources[{i}] ({name}): weight must be >= 0 (0 = by size)")
+        source_configs(self)
+
     def _validate_semantic(self) -> None:
         """The semantic-layout keys: a well-formed, unambiguous class split (ValueError naming the key)."""
         if self.semantic_folds < 0 or self.semantic_folds == 1:
@@ -114,14 +137,13 @@ class DataConfig:
         if self.semantic_classes and self.semantic_folds:
             raise ValueError("data.semantic_classes and data.semantic_folds are both set: give explicit class "
                              "lists or interleaved folds, not both")
-        if self.semantic_classes.get("val") and self.semantic_val_classes:
-            raise ValueError("data.semantic_val_classes and data.semantic_classes.val are both set: give the "
-                             "validation classes once")
-        if not 0.0 <= self.semantic_val_class_fraction < 1.0:
-            raise ValueError(f"data.semantic_val_class_fraction={self.semantic_val_class_fraction} must be in [0, 1)")
-        if self.semantic_val_class_fraction > 0 and (self.semantic_val_classes or self.semantic_classes.get("val")):
-            raise ValueError("data.semantic_val_class_fraction and explicit validation classes are both set: "
-                             "give one of them")
+        if not 0.0 <= self.val_class_fraction < 1.0:
+            raise ValueError(f"data.val_class_fraction={self.val_class_fraction} must be in [0, 1)")
+        if self.val_class_fraction > 0 and (self.val_classes or self.semantic_classes.get("val")):
+            raise ValueError("data.val_class_fraction and explicit validation classes are both set: give one of them")
+        if self.semantic_classes.get("val") and self.val_classes:
+            raise ValueError("data.val_classes and data.semantic_classes.val are both set: give the validation "
+                             "classes once")
         if (self.benchmark == "semantic" and not self.semantic_folds and not self.semantic_classes
                 and self.fold not in (-1, "all")):
             raise ValueError(f"data.benchmark=semantic with data.fold={self.fold!r} needs a class split: "

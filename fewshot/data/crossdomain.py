@@ -43,20 +43,27 @@ import numpy as np
 
 from common.images import read_rgb
 from fewshot.data.base import DataError, FewShotBenchmark, Sample, check_same_size, read_label
+from fewshot.data.fss import MASK_THRESHOLD, binarise_mask
 
-MASK_THRESHOLD = 128
 ISIC_CLASS_CSV = Path(__file__).resolve().parent / "splits" / "isic" / "class_id.csv"
 ISIC_CLASS_IDS = {"nevus": 1, "seborrheic_keratosis": 2, "melanoma": 3}
 ISIC_TRAIN_IMAGES = 2594  # ISIC-2018 task 1 training set = the rows of PATNet's class_id.csv
 DEEPGLOBE_CLASS_NAMES = {1: "agriculture", 2: "urban", 3: "rangeland", 4: "forest", 5: "water", 6: "barren"}
 
 
-def read_binary_mask(path: str | Path) -> np.ndarray:
+def read_binary_mask(path: str | Path, check: bool = True) -> np.ndarray:
     """Decode a mask as uint8 ``[H, W]``: 1 where its gray value is >= 128, else 0 (PATNet's rule).
 
     Colour masks are reduced to luminance first, as PATNet does, so white -> 1 and black -> 0.
+
+    Raises:
+        DataError: with ``check``, a mask left empty by the threshold although it has values 1..127 (saved as
+            0/1 class indices; see :func:`fewshot.data.fss.binarise_mask`).
     """
-    return (read_label(path, grey=True) >= MASK_THRESHOLD).astype(np.uint8)
+    grey = read_label(path, grey=True)
+    if check:
+        return binarise_mask(grey, path, layout="cross-domain (PATNet)")
+    return (grey >= MASK_THRESHOLD).astype(np.uint8)
 
 
 def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +134,7 @@ class CrossDomainBenchmark(FewShotBenchmark):
 
     def foreground_pixels(self, sample: Sample) -> int:
         """Number of foreground pixels of the sample's mask (reads the mask only)."""
-        return int(read_binary_mask(sample.mask_path).sum())
+        return int(read_binary_mask(sample.mask_path, check=False).sum())
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{c}:{len(self.samples_by_class[c])}" for c in self.class_ids)

@@ -34,6 +34,9 @@ def make_episodes(benchmark: FewShotBenchmark, shot: int, n_episodes: int, seed:
     """``n_episodes`` episodes of ``shot`` supports (``n_episodes=0`` with cycle / shuffle: one per image)."""
     if shot < 1:
         raise ValueError(f"shot must be >= 1, got {shot}")
+    draw = getattr(benchmark, "draw_episodes", None)  # a benchmark of several sources draws per source
+    if draw is not None:
+        return draw(shot, n_episodes, seed, query_order)
     rng = random.Random(seed)
     keys_of = {c: [s.key for s in benchmark.samples_by_class.get(c, [])] for c in benchmark.class_ids}
     if query_order == "random":

@@ -17,6 +17,7 @@ import numpy as np
 from common.images import read_rgb
 from fewshot.data.base import DataError, FewShotBenchmark, Sample, check_same_size, read_label
 
+MASK_THRESHOLD = 128  # grey >= 128 is foreground
 SPLIT_DIR = Path(__file__).resolve().parent / "splits" / "fss"
 SPLIT_FILES = {"train": "trn.txt", "val": "val.txt", "test": "test.txt"}
 
@@ -33,6 +34,25 @@ def read_class_list(path: Path) -> list[str]:
         raise DataError(f"{path}: FSS class split file is missing (HSNet's data/splits/fss/{path.name}; place it "
                         f"there or pass split_file=/ data.fss_classes)")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def binarise_mask(grey: np.ndarray, path: str | Path, layout: str = "FSS-layout") -> np.ndarray:
+    """``grey >= 128`` -> 1, else 0, as uint8; a mask this leaves empty although it has values 1..127 is an error.
+
+    Such a mask was almost surely saved with class indices (0/1) instead of 0/255: binarised at 128 it would
+    have no foreground at all, and the episode would fail later with a message about the class, not the file.
+
+    Raises:
+        DataError: naming the file, the threshold and the mask's maximum value.
+    """
+    mask = (grey >= MASK_THRESHOLD).astype(np.uint8)
+    if not mask.any():
+        top = int(grey.max()) if grey.size else 0
+        if top > 0:
+            raise DataError(f"{path}: {layout} masks are binarised at {MASK_THRESHOLD} (grey >= {MASK_THRESHOLD} is "
+                            f"foreground) but this mask's maximum is {top}, so it has no foreground; save masks as "
+                            f"0 = background, 255 = foreground (a 0/1 mask times 255)")
+    return mask
 
 
 def numeric_key(path: Path) -> tuple[int, str]:
@@ -84,7 +104,7 @@ class Fss1000(FewShotBenchmark):
                 mask = image.with_suffix(".png")
                 if not mask.is_file():
                     raise DataError(f"{mask}: mask of {image.name} is missing")
-                if min_pixels and (read_label(mask, grey=True) >= 128).sum() < min_pixels:
+                if min_pixels and (read_label(mask, grey=True) >= MASK_THRESHOLD).sum() < min_pixels:
                     continue
                 samples.append(Sample(f"{name}/{image.stem}", str(image), str(mask)))
             if not samples:
@@ -92,8 +112,12 @@ class Fss1000(FewShotBenchmark):
             self.samples_by_class[c] = samples
 
     def load(self, sample: Sample, class_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image ``[H, W, 3]`` uint8 and mask ``[H, W]`` (grey >= 128 -> 1, else 0)."""
-        mask = (read_label(sample.mask_path, grey=True) >= 128).astype(np.uint8)
+        """Image ``[H, W, 3]`` uint8 and mask ``[H, W]`` (grey >= 128 -> 1, else 0).
+
+        Raises:
+            DataError: naming the file: unreadable, sizes differ, or a 0/1 mask (see :func:`binarise_mask`).
+        """
+        mask = binarise_mask(read_label(sample.mask_path, grey=True), sample.mask_path)
         image = read_rgb(sample.image_path)
         check_same_size(image, mask, sample.image_path, sample.mask_path)
         return image, mask

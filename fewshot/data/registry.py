@@ -53,9 +53,10 @@ def _synthetic(cfg: DataConfig, split: str) -> FewShotBenchmark:
 
 
 def _semantic(cfg: DataConfig, split: str) -> FewShotBenchmark:
+    # validation classes are carved over every source by fewshot.data.sources; the folder's own 'val' split is
+    # its classes.json 'val' image list (or explicit semantic_classes.val)
     return SemanticFolder(cfg.root, split, cfg.fold, cfg.semantic_folds, cfg.semantic_classes or None,
-                          cfg.semantic_val_classes or None, cfg.semantic_val_class_fraction, cfg.val_seed,
-                          cfg.min_pixels, cfg.cache_dir)
+                          None, 0.0, cfg.val_seed, cfg.min_pixels, cfg.cache_dir)
 
 
 def _cross_domain(name: str) -> Callable[[DataConfig, str], FewShotBenchmark]:

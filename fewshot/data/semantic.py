@@ -292,8 +292,8 @@ class SemanticFolder(FewShotBenchmark):
         if split == "val" and not self.val_classes:
             if image_splits is None or "val" not in image_splits:
                 raise DataError(f"{self.classes_file}: split 'val' has no classes: give validation classes "
-                                f"(data.semantic_val_classes, data.semantic_classes.val or "
-                                f"data.semantic_val_class_fraction), or a 'val' image list under 'splits'")
+                                f"(data.val_classes, data.val_class_fraction or data.semantic_classes.val), or "
+                                f"a 'val' image list under 'splits'")
             self.val_classes = list(self.train_classes)  # held-out images of the training classes
         self.class_ids = {"train": self.train_classes, "val": self.val_classes, "test": self.test_classes}[split]
         if not self.class_ids:

@@ -25,10 +25,14 @@ from torch import Tensor, nn
 
 from fewshot.segmenter import SegmenterOutput
 from finetune.methods.base import FewShotMethod, register
+from finetune.methods.prototype import masked_average, prototype_logits
 from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
 from finetune.model.config import ModelConfig
 from finetune.model.fem import FEM
 from finetune.model.region_maps import guided_region_map, prior_region_map, projection, weighted_gap
+
+# query-side cues that can join the FEM's region maps (model.extra_maps)
+EXTRA_MAPS = ("prototype",)
 
 
 def _reduce(cin: int, cout: int, dropout: float) -> nn.Sequential:
@@ -47,13 +51,26 @@ class QGNet(FewShotMethod):
         paper_literal: prior map from raw layer4 cosines (no ``down_learn_*``).
         sim_chunk: chunk size of the max-cosine (0 = full matrix).
         aux_weight: weight of the per-bin auxiliary losses.
+        extra_maps: query cues added to the FEM's maps (``prototype``: the baseline's foreground probability).
+        prototype_residual: add the prototype baseline's logits to the head's (last layer zero-initialised).
+        prototype_layer, prototype_scale: the tap (layer2 / layer3) and temperature of the prototype cue.
     """
 
     def __init__(self, backbone: FrozenBackbone, prior: FrozenBackbone | None, bins: list[float],
                  reduce_dim: int = 256, dropout: float = 0.5, paper_literal: bool = False,
-                 sim_chunk: int = 0, aux_weight: float = 1.0) -> None:
+                 sim_chunk: int = 0, aux_weight: float = 1.0, extra_maps: list[str] | None = None,
+                 prototype_residual: bool = False, prototype_layer: str = "layer3",
+                 prototype_scale: float = 20.0) -> None:
         super().__init__()
         self.backbone, self.prior, self.sim_chunk, self.aux_weight = backbone, prior, sim_chunk, aux_weight
+        self.extra_maps = list(extra_maps or [])
+        unknown = [m for m in self.extra_maps if m not in EXTRA_MAPS]
+        if unknown:
+            raise ValueError(f"model.extra_maps: {unknown[0]!r} is not one of {', '.join(EXTRA_MAPS)}")
+        if prototype_layer not in ("layer2", "layer3"):
+            raise ValueError(f"qgnet computes its prototype cue on layer2 or layer3, not {prototype_layer!r}")
+        self.prototype_residual, self.prototype_layer = prototype_residual, prototype_layer
+        self.prototype_scale = prototype_scale
         bridge_in = backbone.layer2_channels + backbone.layer3_channels
         self.down_query = _reduce(bridge_in, reduce_dim, dropout)
         self.down_supp = _reduce(bridge_in, reduce_dim, dropout)
@@ -65,7 +82,10 @@ class QGNet(FewShotMethod):
         if prior is not None and not paper_literal:
             self.down_learn_super = projection(backbone.layer4_channels, reduce_dim, dropout)
             self.down_learn_unsuper = projection(prior.layer4_channels, reduce_dim, dropout)
-        self.fem = FEM(bins, num_maps=1 if prior is None else 2, dim=reduce_dim)
+        self.fem = FEM(bins, num_maps=(1 if prior is None else 2) + len(self.extra_maps), dim=reduce_dim)
+        if prototype_residual:  # the head starts as the training-free prototype answer and learns a correction
+            nn.init.zeros_(self.fem.cls[-1].weight)
+            nn.init.zeros_(self.fem.cls[-1].bias)
 
     def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`qgnet_loss` with ``model.aux_weight``."""
@@ -83,7 +103,8 @@ class QGNet(FewShotMethod):
         shots = _check_inputs(query, supports, support_masks)
         q2, q3, q4 = self.backbone(query)                                    # [B,C2|C3|C4,h,w]
         bridge = self.down_query(torch.cat([q3, q2], dim=1))                 # [B,D,h,w]
-        prototypes, guided = [], []
+        prototypes, guided, fg_protos, bg_protos = [], [], [], []
+        use_protos = self.prototype_residual or "prototype" in self.extra_maps
         for i in range(shots):  # one trunk pass per shot: with train-mode BN, stats are per shot as in PFENet
             s2, s3 = self.backbone.to_layer3(supports[:, i])
             fg = (support_masks[:, i] == 1).unsqueeze(1).float()             # [B,1,H,W]
@@ -91,15 +112,29 @@ class QGNet(FewShotMethod):
             s4 = self.backbone.run_layer4(s3 * mask)
             guided.append(guided_region_map(q4, s4 * mask, self.sim_chunk))  # [B,1,h,w]
             prototypes.append(weighted_gap(self.down_supp(torch.cat([s3, s2], dim=1)), mask))  # [B,D,1,1]
+            if use_protos:  # the training-free baseline's prototypes (methods.prototype), on the same tap
+                tap = s3 if self.prototype_layer == "layer3" else s2
+                bg = F.interpolate((support_masks[:, i] == 0).unsqueeze(1).float(), size=tap.shape[-2:],
+                                   mode="bilinear", align_corners=True)
+                fg_protos.append(masked_average(tap, mask))
+                bg_protos.append(masked_average(tap, bg))
         guided_map = torch.stack(guided).mean(dim=0)
         maps = {"guided": guided_map}
+        proto_logits = None
+        if use_protos:
+            tap = q3 if self.prototype_layer == "layer3" else q2
+            proto_logits = prototype_logits(tap, torch.stack(fg_protos).mean(0), torch.stack(bg_protos).mean(0),
+                                            self.prototype_scale)           # [B,2,h,w]
+            maps["prototype"] = proto_logits.softmax(dim=1)[:, 1:]
         if self.prior is not None:
             p4 = self.prior(query)[2]                                        # [B,C',h,w]
             maps = {"prior": prior_region_map(q4, p4, self.down_learn_super, self.down_learn_unsuper,
                                               self.sim_chunk), **maps}
-        # FEM input order: [bridge, prototype, guided, prior] (the reference concatenation)
-        logits, aux = self.fem(bridge, torch.stack(prototypes).mean(dim=0), [maps[k] for k in ("guided", "prior")
-                                                                              if k in maps])
+        # FEM input order: [bridge, prototype, guided, prior] (the reference concatenation), then extra maps
+        fem_maps = [maps[k] for k in ("guided", "prior") if k in maps] + [maps[k] for k in self.extra_maps]
+        logits, aux = self.fem(bridge, torch.stack(prototypes).mean(dim=0), fem_maps)
+        if self.prototype_residual:
+            logits = logits + proto_logits.to(logits.dtype)
         logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=True)
         return SegmenterOutput(logits=logits, maps=maps, aux_logits=aux)
 
@@ -125,7 +160,7 @@ def build_qgnet(cfg: ModelConfig) -> QGNet:
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats)
     prior = None if cfg.prior == "none" else build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats)
     return QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk,
-                 cfg.aux_weight)
+                 cfg.aux_weight, cfg.extra_maps, cfg.prototype_residual, cfg.prototype_layer, cfg.prototype_scale)
 
 
 @register("pfenet")

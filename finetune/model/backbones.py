@@ -131,7 +131,7 @@ def resolve_prior_arch(path: str, arch: str = "auto") -> str:
         raise MissingWeightsError(f"model.prior: weights file not found: {path}. Export a stage-1 prior there with "
                                   f"`python -m pretrain.export RUN_DIR --out {path}`, or set model.prior=<file> "
                                   "(model.method=pfenet trains the baseline without a prior)")
-    recorded = export_arch(path)
+    recorded = export_arch(path, "model.prior")
     if arch == "auto":
         if recorded is None:
             raise WeightsError(f"model.prior={path} records no architecture in its metadata; set model.prior_arch")

@@ -50,6 +50,12 @@ class ModelConfig:
         0, help="0 = full [N x N] cosine matrix per sample (reference); >0 = max-cosine in chunks of this many "
                 "query pixels, bounding memory at large inputs (same values)")
     dropout: float = field(0.5, help="Dropout2d after the 1x1 bridge reductions and the 3x3 prior projections")
+    extra_maps: list[str] = field(
+        [], help="qgnet / pfenet: extra query maps for the FEM beside the guided (and prior) map; 'prototype' = the "
+                 "training-free baseline's foreground probability (model.prototype_layer, layer2 or layer3)")
+    prototype_residual: bool = field(
+        False, help="qgnet / pfenet: add the prototype baseline's logits to the head's, with the head's last layer "
+                    "zero-initialised, so training starts from the no-learning answer and learns a correction")
     prototype_layer: Literal["layer2", "layer3", "layer4", "layer3+layer4"] = field(
         "layer3", help="prototype: the frozen backbone tap the prototypes are pooled on (all at output stride 8)")
     prototype_scale: float = field(20.0, help="prototype: cosine temperature (PANet's 20; the argmax ignores it)")
