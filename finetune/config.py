@@ -42,15 +42,28 @@ class TrainConfig:
     val_every: int = field(2, help="validate every N epochs on the held-out split of the *training* classes "
                                    "(never the test classes) and keep the best weights (0 = never)")
     val_episodes: int = field(1000, help="validation episodes")
+    val_at_start: bool = field(False, help="also validate the untrained model before the first step, so that model "
+                                           "selection can keep the starting point (with model.prototype_residual it "
+                                           "is the training-free baseline: training must beat it to be kept)")
     max_skipped: float = field(0.1, help="with data.on_bad_sample=skip: the run fails when more than this share "
                                          "of its training episodes was skipped as bad input")
     trackers: list[str] = field(["tensorboard"], help="accelerate trackers (log_with): tensorboard, wandb, mlflow, "
                                                      "aim, comet_ml, clearml, dvclive when installed; [] = none")
     out_dir: str = field("runs/finetune", help="parent folder of run folders")
     run_name: str = field("", help="run folder name (default: <config stem>_fold<k>_<shot>shot)")
+    # --- FS-CS (issue 14, finetune/fscs.py) ---
+    task: Literal["fss", "fscs"] = field(
+        "fss", help="fss: 1-way episodes, the method's own loss; fscs: iFSL classify-and-segment training on 1-way "
+                    "episodes whose support class is absent from the query half the time (finetune.fscs)")
+    labels: Literal["strong", "weak"] = field(
+        "strong", help="with train.task=fscs: strong = masks, the merged (1+N)-way NLL; weak = class tags only, "
+                       "NLL(mean over pixels of the probabilities, presence)")
+    # --- end FS-CS ---
 
     def validate(self) -> None:
         """Reject values that cannot work (ValueError naming the key)."""
+        if self.labels == "weak" and self.task != "fscs":
+            raise ValueError("train.labels=weak needs train.task=fscs (FS-S training has masks only)")
         for key in ("batch_size", "log_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
@@ -84,9 +97,18 @@ class EvalConfig:
     episodes_file: str = field("", help="evaluate exactly the episodes of this saved list (an episodes_*.json "
                                         "written next to earlier results) instead of drawing them")
     out_dir: str = field("", help="where results go (default: <run dir>/eval)")
+    # --- FS-CS (issue 14, fewshot/fscs.py) ---
+    task: Literal["fss", "fscs"] = field(
+        "fss", help="fss: few-shot segmentation (1 way, the class is in the query); fscs: iFSL few-shot "
+                    "classification and segmentation: eval.way support classes, each present in the query with "
+                    "probability 1/2; scored by ER (every presence call right) and mIoU")
+    way: int = field(1, help="support classes per episode with eval.task=fscs (N-way); 1 with eval.task=fss")
+    # --- end FS-CS ---
 
     def validate(self) -> None:
         """Reject values that cannot work (ValueError naming the key)."""
+        if self.way < 1 or (self.task == "fss" and self.way != 1):
+            raise ValueError(f"eval.way={self.way} must be >= 1, and 1 unless eval.task=fscs")
         if self.episodes < 0 or self.shot < 0 or self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("eval.episodes and eval.shot must be >= 0, eval.batch_size >= 1, eval.num_workers >= 0")
         if not self.seeds:

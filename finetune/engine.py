@@ -28,6 +28,7 @@ from fewshot.data.loader import EpisodeDataset, collate
 from fewshot.data.transforms import build_transform
 from fewshot.evaluate import check_skipped, evaluate, to_device
 from finetune.config import FinetuneConfig, eval_spec
+from finetune.fscs import fscs_train_dataset, fscs_train_step, fscs_validate
 from finetune.methods import FewShotMethod
 
 BEST = "best_model.safetensors"
@@ -73,6 +74,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
                          "processes; lower train.batch_size or raise train.episodes_per_epoch")
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     val_spec = dataclasses.replace(eval_spec(cfg), episodes=tc.val_episodes, shot=cfg.shot)
+    fscs = tc.task == "fscs"  # iFSL classify-and-segment episodes and objectives (finetune/fscs.py)
 
     optimizer = make_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -85,16 +87,38 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
     best_path = run_dir / BEST if (run_dir / BEST).is_file() else None
 
     log = TrainLog(accelerator, run_dir, "finetune", cfg, total_steps, step)
+
+    def validate() -> None:  # score the validation classes; keep the weights when they are the best so far
+        nonlocal best, best_path
+        if fscs:
+            scalars, score = fscs_validate(core, val_set, cfg, accelerator)
+        else:
+            summary = evaluate(core, val_set, val_spec, tc.seed, accelerator, desc="validate")["meter"]
+            scalars, score = {"val/miou": summary["miou"], "val/fbiou": summary["fbiou"]}, summary["miou"]
+        log.write(step, scalars)
+        if score > best:
+            best = score
+            if accelerator.is_main_process:
+                best_path = _save_weights(core, run_dir / BEST, {"step": str(step), "val_miou": str(best)})
+        model.train()
+
+    if val_set is not None and tc.val_every and tc.val_at_start and step == 0:
+        validate()
     skipped: list[str] = []
     seen = 0
     model.train()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        episodes = epoch_episodes(train_set, cfg.shot, tc.seed, epoch, per_epoch)
-        dataset = EpisodeDataset(train_set, episodes, transform, cfg.shot, tc.seed, epoch, cfg.data.on_bad_sample)
+        if fscs:
+            dataset, collate_fn = fscs_train_dataset(cfg, train_set, transform, epoch, per_epoch)
+        else:
+            episodes = epoch_episodes(train_set, cfg.shot, tc.seed, epoch, per_epoch)
+            dataset = EpisodeDataset(train_set, episodes, transform, cfg.shot, tc.seed, epoch,
+                                     cfg.data.on_bad_sample)
+            collate_fn = collate
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True)
         loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=cfg.data.num_workers, collate_fn=collate,
+                            num_workers=cfg.data.num_workers, collate_fn=collate_fn,
                             generator=torch.Generator().manual_seed(tc.seed))
         for batch in skip_first_batches(loader, offset) if offset else loader:
             skipped += batch["skipped"]
@@ -104,8 +128,11 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
             loss, parts = torch.zeros(()), {}
             if batch["size"]:  # every episode of the batch skipped: nothing to learn from, the step still counts
                 batch = to_device(batch, accelerator.device)
-                out = model(batch["query"], batch["supports"], batch["support_masks"])
-                loss, parts = core.loss(out, batch["query_mask"])
+                if fscs:
+                    loss, parts = fscs_train_step(model, batch, tc.labels)
+                else:
+                    out = model(batch["query"], batch["supports"], batch["support_masks"])
+                    loss, parts = core.loss(out, batch["query_mask"])
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
@@ -118,13 +145,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
                 log.write(step, scalars, {"epoch": epoch}, {"loss": f"{loss.item():.3f}", "lr": f"{lr:.4f}"})
             epoch_done = step % steps_per_epoch == 0
             if val_set is not None and tc.val_every and epoch_done and (step // steps_per_epoch) % tc.val_every == 0:
-                summary = evaluate(core, val_set, val_spec, tc.seed, accelerator, desc="validate")["meter"]
-                log.write(step, {"val/miou": summary["miou"], "val/fbiou": summary["fbiou"]})
-                if summary["miou"] > best:
-                    best = summary["miou"]
-                    if accelerator.is_main_process:
-                        best_path = _save_weights(core, run_dir / BEST, {"step": str(step), "val_miou": str(best)})
-                model.train()
+                validate()
             if due(step, tc.checkpoint_every, total_steps):
                 checkpoint = save_checkpoint(accelerator, run_dir, step, {}, {
                     "step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,

@@ -70,6 +70,9 @@ def eval_benchmarks(cfg: FinetuneConfig, splits: Splits | None = None) -> dict[s
 
 def check_eval_splits(cfg: FinetuneConfig, benches: dict[str, FewShotBenchmark]) -> None:
     """Read every pair the evaluation episodes use, before any training (bad data must fail now)."""
+    if cfg.eval.task == "fscs":  # N-way classify-and-segment episodes (finetune/fscs.py)
+        from finetune.fscs import check_fscs_splits
+        return check_fscs_splits(cfg, benches)
     episodes = load_episodes(cfg.eval.episodes_file) if cfg.eval.episodes_file else None
     for bench in benches.values():
         check_episodes(bench, eval_spec(cfg), list(cfg.eval.seeds), episodes)
@@ -109,13 +112,21 @@ def evaluate_all(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMe
 
     Layout: ``out_dir/[<source>/]results.json`` for the method, ``.../vs_<baseline>/results.json`` beside it,
     and ``out_dir/table.md`` (rows: methods, columns: sources). Returns the method's results (several sources:
-    ``{"method", "per_source": {source: results}, "miou_mean", "fbiou_mean"}``, the means over sources).
+    ``{"method", "per_source": {source: results}, "<metric>_mean"}``, the means over sources). ``eval.task=fscs``
+    scores FS-CS episodes the same way (:mod:`finetune.fscs`).
     """
+    if cfg.eval.task == "fscs":  # N-way classify-and-segment episodes: ER next to mIoU
+        from fewshot.fscs import fscs_table
+        from finetune.fscs import run_fscs_evaluation
+        run_one, make_table = run_fscs_evaluation, fscs_table
+        metrics, extra = ("er", "miou", "fbiou"), {"task": "fscs"}
+    else:
+        run_one, make_table, metrics, extra = run_evaluation, results_table, ("miou", "fbiou"), {}
     several = len(benches) > 1
     per_source, every = {}, []
     for source, bench in benches.items():
         where = out_dir / source if several else out_dir
-        per_source[source] = run_evaluation(cfg, accelerator, model, bench, where, checkpoint, weights, source)
+        per_source[source] = run_one(cfg, accelerator, model, bench, where, checkpoint, weights, source)
         weights = None  # loaded once
         every.append(per_source[source])
     for name in cfg.eval.compare_with:
@@ -128,17 +139,16 @@ def evaluate_all(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMe
                                "(e.g. prototype) can be compared without a run of their own")
         for source, bench in benches.items():
             where = (out_dir / source if several else out_dir) / f"vs_{name}"
-            every.append(run_evaluation(base_cfg, accelerator, baseline, bench, where, "none (training-free)",
-                                        source=source))
+            every.append(run_one(base_cfg, accelerator, baseline, bench, where, "none (training-free)",
+                                 source=source))
     if accelerator.is_main_process and (several or cfg.eval.compare_with):
-        table = results_table(every, by="benchmark")
+        table = make_table(every, by="benchmark")
         write_text(out_dir / "table.md", table)
         accelerator.print(f"\n{table}\ntable: {out_dir / 'table.md'}")
     if not several:
         return next(iter(per_source.values()))
-    return {"method": cfg.model.method, "per_source": per_source,
-            "miou_mean": statistics.mean(r["miou_mean"] for r in per_source.values()),
-            "fbiou_mean": statistics.mean(r["fbiou_mean"] for r in per_source.values())}
+    return {"method": cfg.model.method, **extra, "per_source": per_source,
+            **{f"{k}_mean": statistics.mean(r[f"{k}_mean"] for r in per_source.values()) for k in metrics}}
 
 
 def main(argv: list[str] | None = None) -> dict:

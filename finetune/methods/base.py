@@ -6,14 +6,17 @@ A method is an ``nn.Module`` built from the ``model.*`` config by a function reg
     def build_prototype(cfg: ModelConfig) -> PrototypeBaseline: ...
 
 ``forward(query [B,3,S,S], supports [B,K,3,S,S], support_masks [B,K,S,S]) -> SegmenterOutput`` (logits
-``[B,2,S,S]`` plus named maps for the PNG grids and the recall analysis, see :mod:`fewshot.segmenter`);
+``[B,2,S,S]`` plus named maps for the PNG grids and the recall analysis, see :mod:`fewshot.segmenter`) is
+``decode(encode_query(query), encode_supports(supports, support_masks))``: the supports' state does not depend
+on the query, so ``finetune.predict`` encodes them once and decodes any number of queries against a batch-1
+state;
 ``loss(out, target [B,S,S]) -> (scalar, {name: detached part})``; ``trainable_parameters()`` is what the
 optimiser gets; a method with none is training-free and is evaluated without a training run.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
@@ -25,6 +28,19 @@ class FewShotMethod(nn.Module):
     """Base class of the registered methods (see the module docstring for the contract)."""
 
     def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
+        """Segment B episodes: ``decode(encode_query(query), encode_supports(supports, support_masks))``."""
+        return self.decode(self.encode_query(query), self.encode_supports(supports, support_masks))
+
+    def encode_query(self, query: Tensor) -> Any:
+        """``query [B,3,S,S]`` -> the method's query state (features)."""
+        raise NotImplementedError
+
+    def encode_supports(self, supports: Tensor, support_masks: Tensor) -> Any:
+        """``supports [B,K,3,S,S]``, ``support_masks [B,K,S,S]`` -> the method's support state."""
+        raise NotImplementedError
+
+    def decode(self, query: Any, supports: Any) -> SegmenterOutput:
+        """The episodes' output; a support state of batch 1 serves a query state of any batch."""
         raise NotImplementedError
 
     def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

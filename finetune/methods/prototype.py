@@ -57,20 +57,27 @@ class PrototypeBaseline(FewShotMethod):
             return torch.cat([taps["layer3"], taps["layer4"]], dim=1)
         return taps[self.layer]
 
-    def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
-        """See the module docstring; ``maps["similarity"]`` is the foreground probability ``[B,1,h,w]``."""
+    def encode_query(self, query: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """``query [B,3,S,S]`` -> (features ``[B,C,h,w]``, input size)."""
+        return self.features(query), tuple(query.shape[-2:])
+
+    def encode_supports(self, supports: Tensor, support_masks: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (foreground, background) prototypes ``[B,C]``, each the mean over the K shots."""
         b, k = supports.shape[:2]
-        fq = self.features(query)                                               # [B,C,h,w]
         fs = self.features(supports.flatten(0, 1))                              # [B*K,C,h,w]
         masks = support_masks.flatten(0, 1).unsqueeze(1)                        # [B*K,1,S,S]
         size = fs.shape[-2:]
         fg_w = F.interpolate((masks == 1).float(), size=size, mode="bilinear", align_corners=True)
         bg_w = F.interpolate((masks == 0).float(), size=size, mode="bilinear", align_corners=True)
-        fg = masked_average(fs, fg_w).view(b, k, -1).mean(1)                    # [B,C]
-        bg = masked_average(fs, bg_w).view(b, k, -1).mean(1)
-        logits = prototype_logits(fq, fg, bg, self.scale)                       # [B,2,h,w]
+        return masked_average(fs, fg_w).view(b, k, -1).mean(1), masked_average(fs, bg_w).view(b, k, -1).mean(1)
+
+    def decode(self, query: tuple[Tensor, tuple[int, int]], supports: tuple[Tensor, Tensor]) -> SegmenterOutput:
+        """Scaled cosines to both prototypes; ``maps["similarity"]`` is the foreground probability ``[B,1,h,w]``."""
+        (fq, size), (fg, bg) = query, supports
+        b = fq.shape[0]
+        logits = prototype_logits(fq, fg.expand(b, -1), bg.expand(b, -1), self.scale)  # [B,2,h,w]
         similarity = logits.softmax(dim=1)[:, 1:]
-        logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=True)
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
         return SegmenterOutput(logits=logits, maps={"similarity": similarity})
 
 

@@ -18,6 +18,7 @@ With ``prior: none`` the same code is PFENet (FEM input 513 instead of 514 chann
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,37 @@ from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
 from finetune.model.config import ModelConfig
 from finetune.model.fem import FEM
 from finetune.model.region_maps import guided_region_map, prior_region_map, projection, weighted_gap
+
+
+@dataclass
+class QueryFeatures:
+    """What :meth:`QGNet.encode_query` keeps of a query batch."""
+
+    taps: tuple[Tensor, Tensor, Tensor]   # backbone layer2 / layer3 / layer4, each [B,C,h,w]
+    bridge: Tensor                        # down_query(cat[layer3, layer2]) [B,D,h,w]
+    prior: Tensor | None                  # the prior's layer4 [B,C',h,w]
+    size: tuple[int, int]                 # the input size (H, W)
+
+
+@dataclass
+class SupportFeatures:
+    """What :meth:`QGNet.encode_supports` keeps of the supports; batch 1 is shared by every query."""
+
+    masked_l4: list[Tensor]               # per shot: layer4 of the masked support, times the mask [B,C4,h,w]
+    guide: Tensor                         # category guider, mean over shots [B,D,1,1]
+    fg: Tensor | None = None              # prototype cue, mean over shots [B,C]
+    bg: Tensor | None = None
+
+    def expand(self, batch: int) -> SupportFeatures:
+        """The same supports for ``batch`` queries (a no-op when the batch already matches)."""
+        if self.guide.shape[0] == batch:
+            return self
+
+        def grow(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.expand(batch, *t.shape[1:])
+
+        return SupportFeatures([grow(t) for t in self.masked_l4], grow(self.guide), grow(self.fg), grow(self.bg))
+
 
 # query-side cues that can join the FEM's region maps (model.extra_maps)
 EXTRA_MAPS = ("prototype",)
@@ -54,13 +86,14 @@ class QGNet(FewShotMethod):
         extra_maps: query cues added to the FEM's maps (``prototype``: the baseline's foreground probability).
         prototype_residual: add the prototype baseline's logits to the head's (last layer zero-initialised).
         prototype_layer, prototype_scale: the tap (layer2 / layer3) and temperature of the prototype cue.
+        balanced_loss: foreground and background pixels weigh equally per episode (:func:`balanced_cross_entropy`).
     """
 
     def __init__(self, backbone: FrozenBackbone, prior: FrozenBackbone | None, bins: list[float],
                  reduce_dim: int = 256, dropout: float = 0.5, paper_literal: bool = False,
                  sim_chunk: int = 0, aux_weight: float = 1.0, extra_maps: list[str] | None = None,
                  prototype_residual: bool = False, prototype_layer: str = "layer3",
-                 prototype_scale: float = 20.0) -> None:
+                 prototype_scale: float = 20.0, balanced_loss: bool = False) -> None:
         super().__init__()
         self.backbone, self.prior, self.sim_chunk, self.aux_weight = backbone, prior, sim_chunk, aux_weight
         self.extra_maps = list(extra_maps or [])
@@ -70,7 +103,7 @@ class QGNet(FewShotMethod):
         if prototype_layer not in ("layer2", "layer3"):
             raise ValueError(f"qgnet computes its prototype cue on layer2 or layer3, not {prototype_layer!r}")
         self.prototype_residual, self.prototype_layer = prototype_residual, prototype_layer
-        self.prototype_scale = prototype_scale
+        self.prototype_scale, self.balanced_loss = prototype_scale, balanced_loss
         bridge_in = backbone.layer2_channels + backbone.layer3_channels
         self.down_query = _reduce(bridge_in, reduce_dim, dropout)
         self.down_supp = _reduce(bridge_in, reduce_dim, dropout)
@@ -89,7 +122,7 @@ class QGNet(FewShotMethod):
 
     def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`qgnet_loss` with ``model.aux_weight``."""
-        return qgnet_loss(out, target, self.aux_weight)
+        return qgnet_loss(out, target, self.aux_weight, balanced=self.balanced_loss)
 
     def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
         """Segment the query's foreground class given k annotated supports.
@@ -100,43 +133,64 @@ class QGNet(FewShotMethod):
             support_masks: ``[B,K,H,W]`` with values {0, 1, 255}; foreground is ``== 1`` (255 counts as
                 background, as in the reference).
         """
-        shots = _check_inputs(query, supports, support_masks)
+        _check_inputs(query, supports, support_masks)
+        # this order (query trunk + bridge, then the shots, then the decoder) keeps the reference's order of
+        # BatchNorm updates and dropout draws, so training is the same as an unsplit forward
+        encoded = self.encode_query(query)
+        return self.decode(encoded, self.encode_supports(supports, support_masks))
+
+    def encode_query(self, query: Tensor) -> QueryFeatures:
+        """``query [B,3,H,W]`` -> backbone taps, the bridge ``[B,D,h,w]`` and the prior's layer4."""
         q2, q3, q4 = self.backbone(query)                                    # [B,C2|C3|C4,h,w]
         bridge = self.down_query(torch.cat([q3, q2], dim=1))                 # [B,D,h,w]
-        prototypes, guided, fg_protos, bg_protos = [], [], [], []
-        use_protos = self.prototype_residual or "prototype" in self.extra_maps
-        for i in range(shots):  # one trunk pass per shot: with train-mode BN, stats are per shot as in PFENet
+        p4 = self.prior(query)[2] if self.prior is not None else None        # [B,C',h,w]
+        return QueryFeatures((q2, q3, q4), bridge, p4, tuple(query.shape[-2:]))
+
+    def encode_supports(self, supports: Tensor, support_masks: Tensor) -> SupportFeatures:
+        """``supports [B,K,3,H,W]``, ``support_masks [B,K,H,W]`` -> per-shot masked layer4, the category guider
+        (mean over shots) and, when used, the prototype cue; independent of any query (encode once, reuse)."""
+        masked_l4, prototypes, fg_protos, bg_protos = [], [], [], []
+        for i in range(supports.shape[1]):  # one trunk pass per shot: with train-mode BN, stats are per shot
             s2, s3 = self.backbone.to_layer3(supports[:, i])
             fg = (support_masks[:, i] == 1).unsqueeze(1).float()             # [B,1,H,W]
             mask = F.interpolate(fg, size=s3.shape[-2:], mode="bilinear", align_corners=True)
-            s4 = self.backbone.run_layer4(s3 * mask)
-            guided.append(guided_region_map(q4, s4 * mask, self.sim_chunk))  # [B,1,h,w]
+            masked_l4.append(self.backbone.run_layer4(s3 * mask) * mask)     # [B,C4,h,w]
             prototypes.append(weighted_gap(self.down_supp(torch.cat([s3, s2], dim=1)), mask))  # [B,D,1,1]
-            if use_protos:  # the training-free baseline's prototypes (methods.prototype), on the same tap
+            if self.uses_prototype_cue:  # the training-free baseline's prototypes (methods.prototype)
                 tap = s3 if self.prototype_layer == "layer3" else s2
                 bg = F.interpolate((support_masks[:, i] == 0).unsqueeze(1).float(), size=tap.shape[-2:],
                                    mode="bilinear", align_corners=True)
                 fg_protos.append(masked_average(tap, mask))
                 bg_protos.append(masked_average(tap, bg))
-        guided_map = torch.stack(guided).mean(dim=0)
-        maps = {"guided": guided_map}
+        cue = (torch.stack(fg_protos).mean(0), torch.stack(bg_protos).mean(0)) if fg_protos else (None, None)
+        return SupportFeatures(masked_l4, torch.stack(prototypes).mean(dim=0), *cue)
+
+    def decode(self, query: QueryFeatures, supports: SupportFeatures) -> SegmenterOutput:
+        """Region maps, FEM and logits ``[B,2,H,W]``; supports encoded once (batch 1) serve every query."""
+        supports = supports.expand(query.bridge.shape[0])
+        q2, q3, q4 = query.taps
+        guided = [guided_region_map(q4, s4, self.sim_chunk) for s4 in supports.masked_l4]  # each [B,1,h,w]
+        maps = {"guided": torch.stack(guided).mean(dim=0)}
         proto_logits = None
-        if use_protos:
+        if self.uses_prototype_cue:
             tap = q3 if self.prototype_layer == "layer3" else q2
-            proto_logits = prototype_logits(tap, torch.stack(fg_protos).mean(0), torch.stack(bg_protos).mean(0),
-                                            self.prototype_scale)           # [B,2,h,w]
+            proto_logits = prototype_logits(tap, supports.fg, supports.bg, self.prototype_scale)  # [B,2,h,w]
             maps["prototype"] = proto_logits.softmax(dim=1)[:, 1:]
         if self.prior is not None:
-            p4 = self.prior(query)[2]                                        # [B,C',h,w]
-            maps = {"prior": prior_region_map(q4, p4, self.down_learn_super, self.down_learn_unsuper,
+            maps = {"prior": prior_region_map(q4, query.prior, self.down_learn_super, self.down_learn_unsuper,
                                               self.sim_chunk), **maps}
         # FEM input order: [bridge, prototype, guided, prior] (the reference concatenation), then extra maps
         fem_maps = [maps[k] for k in ("guided", "prior") if k in maps] + [maps[k] for k in self.extra_maps]
-        logits, aux = self.fem(bridge, torch.stack(prototypes).mean(dim=0), fem_maps)
+        logits, aux = self.fem(query.bridge, supports.guide, fem_maps)
         if self.prototype_residual:
             logits = logits + proto_logits.to(logits.dtype)
-        logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=True)
+        logits = F.interpolate(logits, size=query.size, mode="bilinear", align_corners=True)
         return SegmenterOutput(logits=logits, maps=maps, aux_logits=aux)
+
+    @property
+    def uses_prototype_cue(self) -> bool:
+        """Whether the prototype baseline's answer is computed (a FEM map or the residual)."""
+        return self.prototype_residual or "prototype" in self.extra_maps
 
 
 def _check_inputs(query: Tensor, supports: Tensor, support_masks: Tensor) -> int:
@@ -160,7 +214,8 @@ def build_qgnet(cfg: ModelConfig) -> QGNet:
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats)
     prior = None if cfg.prior == "none" else build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats)
     return QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk,
-                 cfg.aux_weight, cfg.extra_maps, cfg.prototype_residual, cfg.prototype_layer, cfg.prototype_scale)
+                 cfg.aux_weight, cfg.extra_maps, cfg.prototype_residual, cfg.prototype_layer, cfg.prototype_scale,
+                 cfg.balanced_loss)
 
 
 @register("pfenet")
@@ -169,13 +224,31 @@ def build_pfenet(cfg: ModelConfig) -> QGNet:
     return build_qgnet(dataclasses.replace(cfg, prior="none", paper_literal=False))
 
 
-def qgnet_loss(out: SegmenterOutput, target: Tensor, aux_weight: float = 1.0,
-               ignore_index: int = 255) -> tuple[Tensor, dict[str, Tensor]]:
+def balanced_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+    """Per episode, the mean CE of its foreground pixels and the mean CE of its background pixels, averaged.
+
+    ``logits [B,2,H,W]``, ``target [B,H,W]``. A small object then weighs as much as the background around it, so
+    answering "all background" stops being cheap (plain CE on small COCO objects collapses to it). A class
+    absent from an episode's target contributes nothing.
+    """
+    pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")  # [B,H,W]
+    terms = []
+    for cls in (0, 1):
+        mask = (target == cls).float()
+        count = mask.sum((1, 2))                                                           # [B]
+        terms.append(torch.where(count > 0, (pixel * mask).sum((1, 2)) / count.clamp(min=1), torch.nan))
+    per_episode = torch.stack(terms, dim=1).nanmean(dim=1)                                 # [B]
+    return per_episode.nanmean() if torch.isfinite(per_episode).any() else pixel.sum() * 0.0
+
+
+def qgnet_loss(out: SegmenterOutput, target: Tensor, aux_weight: float = 1.0, ignore_index: int = 255,
+               balanced: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(logits) + aux_weight * mean_j CE(upsampled aux_j)``, pixels equal to ``ignore_index`` ignored.
 
     Args:
         out: the model output (logits ``[B,2,H,W]``).
         target: ``[B,H,W]`` with 0 = background, 1 = foreground, ``ignore_index`` = ignore.
+        balanced: :func:`balanced_cross_entropy` instead of the plain pixel mean.
 
     Returns:
         the scalar loss and its detached parts ``{"main", "aux"}``.
@@ -183,9 +256,13 @@ def qgnet_loss(out: SegmenterOutput, target: Tensor, aux_weight: float = 1.0,
     if out.logits.shape[-2:] != target.shape[-2:]:
         raise ValueError(f"logits {tuple(out.logits.shape)} and target {tuple(target.shape)} differ in size")
     target = target.long()
-    main = F.cross_entropy(out.logits, target, ignore_index=ignore_index)
-    aux = torch.stack([
-        F.cross_entropy(F.interpolate(a, size=target.shape[-2:], mode="bilinear", align_corners=True), target,
-                        ignore_index=ignore_index)
-        for a in out.aux_logits]).mean()
+
+    def ce(logits: Tensor) -> Tensor:
+        if balanced:
+            return balanced_cross_entropy(logits, target, ignore_index)
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+    main = ce(out.logits)
+    aux = torch.stack([ce(F.interpolate(a, size=target.shape[-2:], mode="bilinear", align_corners=True))
+                       for a in out.aux_logits]).mean()
     return main + aux_weight * aux, {"main": main.detach(), "aux": aux.detach()}
