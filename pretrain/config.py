@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common.config import field
+from common.run import check_trackers
 from superpixels.segment import SuperpixelConfig
 from superpixels.transforms import PhotometricConfig
 
@@ -147,6 +148,7 @@ class TrainConfig:
             raise ValueError(f"train.keep_last must be >= 0 (0 = keep all), got {self.keep_last}")
         if not 0 <= self.seed < 2**32:  # numpy's seed range (accelerate's set_seed seeds numpy too)
             raise ValueError(f"train.seed must be in [0, 2**32), got {self.seed}")
+        check_trackers(self.trackers)
 
 
 @dataclass

@@ -89,3 +89,14 @@ def test_real_pretrain_configs_load(repo_root):
     from pretrain.config import PretrainConfig
     for path in sorted((repo_root / "configs" / "pretrain").glob("*.yaml")):
         load_config(PretrainConfig, path)  # every shipped config must validate
+
+
+def test_trackers_are_a_config_choice_checked_before_the_run():
+    from finetune.config import FinetuneConfig
+    from pretrain.config import PretrainConfig
+
+    for schema in (PretrainConfig, FinetuneConfig):
+        assert load_config(schema, None, []).train.trackers == ["tensorboard"]
+        assert load_config(schema, None, ["train.trackers=[]"]).train.trackers == []
+        with pytest.raises(ConfigError, match="train.trackers: unknown tracker 'tensorbord'"):
+            load_config(schema, None, ["train.trackers=[tensorbord]"])

@@ -150,3 +150,32 @@ def test_run_with_a_training_free_method_only_evaluates(tmp_path):
 
     results = run_main(tiny(tmp_path / "data", tmp_path, "model.method=prototype"))
     assert results["method"] == "prototype" and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_balanced_cross_entropy_by_hand():
+    import math
+
+    from finetune.methods.qgnet import balanced_cross_entropy
+
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 1, 0, 0] = math.log(3)                    # pixel 0: foreground probability 0.75
+    target = torch.tensor([[[1, 0, 0, 255]]])           # one foreground, two background, one ignored pixel
+    expected = 0.5 * (-math.log(0.75) - math.log(0.5))  # mean of the foreground CE and the background CE
+    assert balanced_cross_entropy(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    only_bg = torch.tensor([[[0, 0, 0, 255]]])          # an absent class contributes nothing: the bg mean alone
+    bg_mean = (-math.log(0.25) - 2 * math.log(0.5)) / 3
+    assert balanced_cross_entropy(logits, only_bg).item() == pytest.approx(bg_mean, rel=1e-6)
+
+
+def test_prototype_residual_starts_exactly_as_the_baseline():
+    torch.manual_seed(0)
+    qgnet = build_method(model_cfg("method=pfenet", "extra_maps=[prototype]", "prototype_residual=true",
+                                   "freeze_bn_stats=true")).eval()
+    baseline = PrototypeBaseline(qgnet.backbone, "layer3", 20.0).eval()  # the same frozen trunk
+    g = torch.Generator().manual_seed(2)
+    query, supports = torch.randn(2, 3, 33, 33, generator=g), torch.randn(2, 2, 3, 33, 33, generator=g)
+    masks = (torch.rand(2, 2, 33, 33, generator=g) > 0.5).long()
+    with torch.no_grad():
+        ours, ref = qgnet(query, supports, masks), baseline(query, supports, masks)
+    torch.testing.assert_close(ours.logits, ref.logits)
+    assert set(ours.maps) == {"guided", "prototype"}
