@@ -91,7 +91,7 @@ def _decode_error(name: object, err: Exception) -> DataError:
     if isinstance(err, Image.DecompressionBombError):
         return DataError(f"{name}: image is too large to decode safely ({err})")
     if isinstance(err, UnidentifiedImageError):
-        return DataError(f"{name}: cannot decode: not an image format PIL reads")
+        return DataError(f"{name}: cannot decode: unreadable image file (not an image format PIL reads)")
     if isinstance(err, _DECODE_ERRORS):
         return DataError(f"{name}: image file is unreadable or truncated ({err})")
     raise err
