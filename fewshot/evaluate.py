@@ -125,6 +125,23 @@ def check_episodes(benchmark: FewShotBenchmark, spec: EvalSpec, seeds: list[int]
     return bad
 
 
+def merged_result(meter: Any, skipped: list[str], benchmark: FewShotBenchmark, spec: EvalSpec, count: int,
+                  digest: str, accelerator: Accelerator, what: str) -> dict[str, Any]:
+    """Sum every process's ``meter`` state and skipped list, refuse a result from (almost) nothing, summarise.
+
+    ``meter`` is a :class:`SegmentationMeter` (or one with the same ``state`` / ``load_state`` / ``summary``).
+    """
+    meter.load_state(accelerator.gather(meter.state().to(accelerator.device)[None]))
+    skipped = gather_object(skipped)
+    check_skipped(skipped, count, spec.max_skipped if spec.on_bad_sample == "skip" else 0.0,
+                  f"{benchmark!r} {what}")
+    result: dict[str, Any] = {"meter": meter.summary(), "episodes_hash": digest, "episodes": count,
+                              "skipped": skipped}
+    result["meter"]["per_class_name"] = {str(benchmark.class_names.get(int(c), c)): v
+                                         for c, v in result["meter"]["per_class_iou"].items()}
+    return result
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, benchmark: FewShotBenchmark, spec: EvalSpec, seed: int, accelerator: Accelerator,
              out_dir: Path | None = None, vis_episodes: int = 0, recall_thresholds: list[float] | None = None,
@@ -185,14 +202,7 @@ def evaluate(model: nn.Module, benchmark: FewShotBenchmark, spec: EvalSpec, seed
                 titles.append(f"episode {index}  class {c} ({benchmark.class_names.get(c, c)})  IoU {iou:.3f}")
     if was_training:
         model.train()
-    meter.load_state(accelerator.gather(meter.state().to(accelerator.device)[None]))
-    skipped = gather_object(skipped)
-    check_skipped(skipped, len(episodes), spec.max_skipped if spec.on_bad_sample == "skip" else 0.0,
-                  f"{benchmark!r} seed {seed}")
-    result: dict[str, Any] = {"meter": meter.summary(), "episodes_hash": digest, "episodes": len(episodes),
-                              "skipped": skipped}
-    result["meter"]["per_class_name"] = {benchmark.class_names.get(int(c), c): v
-                                         for c, v in result["meter"]["per_class_iou"].items()}
+    result = merged_result(meter, skipped, benchmark, spec, len(episodes), digest, accelerator, f"seed {seed}")
     if recall_thresholds and targets:
         target = torch.stack(targets)
         result["recall"] = {name: region_map_recall(torch.stack(values), target, recall_thresholds)

@@ -39,7 +39,6 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -51,11 +50,11 @@ from common.io import write_json, write_text
 from common.runlog import markdown_table
 from fewshot.data.base import IGNORE_INDEX, FewShotBenchmark, Sample
 from fewshot.data.fss import Fss1000
-from fewshot.data.loader import EpisodeDataset, Transform, single_thread
+from fewshot.data.loader import EpisodeDataset, Transform
 from fewshot.data.semantic import SemanticFolder
 from fewshot.data.sources import ID_STRIDE, KEY_SEP, ClassSubset, MultiSource
 from fewshot.data.transforms import EvalTransform
-from fewshot.evaluate import EvalSpec, check_skipped, prediction_at_label, to_device
+from fewshot.evaluate import EvalSpec, check_skipped, merged_result, prediction_at_label, to_device
 from fewshot.metrics import EPS
 from fewshot.vis import heatmap, overlay, save_grid, to_uint8
 
@@ -347,7 +346,7 @@ FSCS_STACKED = ("query", "query_label", "supports", "support_masks", "class_ids"
                 "episode_index")
 
 
-class FscsDataset(Dataset):
+class FscsDataset(EpisodeDataset):
     """Item ``i`` is FS-CS episode ``episodes[i]`` loaded and transformed.
 
     Returns a dict: ``query`` float ``[3,S,S]``; ``query_label`` int64 ``[S,S]`` (0 = background, n + 1 = way
@@ -369,22 +368,12 @@ class FscsDataset(Dataset):
                     (shot is not None and any(len(s) != shot for s in e.supports)):
                 raise ValueError(f"episode {i} has {len(e.class_ids)} ways x {[len(s) for s in e.supports]} "
                                  f"supports, expected {way} x {shot}")
+        # EpisodeDataset's checks do not fit N-way episodes: its state is set here, its methods are inherited
         self.benchmark, self.episodes, self.transform = benchmark, episodes, transform
         self.seed, self.epoch, self.on_bad_sample = seed, epoch, on_bad_sample
         self.reader = EpisodeDataset(benchmark, [], transform)  # its support checks, reused
 
-    def __len__(self) -> int:
-        return len(self.episodes)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            with single_thread():
-                return self.build(index)
-        except DataError as err:
-            if self.on_bad_sample == "error":
-                raise
-            warnings.warn(f"skipped episode {index}: {err}", stacklevel=2)
-            return {"skipped": f"episode {index}: {err}", "episode_index": index}
+    # __len__, __getitem__ (the bad-input skip) and rng come from EpisodeDataset; only the episode differs
 
     def build(self, index: int) -> dict[str, Any]:
         """Load, check and transform one episode (raises DataError on bad input)."""
@@ -456,10 +445,6 @@ class FscsDataset(Dataset):
             raise DataError(f"{sample.mask_path}: mask values {sorted(values)} outside {{0, 1, 255}} for class "
                             f"{class_id}")
         return image, mask
-
-    def rng(self, index: int, slot: int) -> np.random.Generator:
-        """The generator of one image of one episode: a function of (seed, epoch, episode, slot) only."""
-        return np.random.default_rng([self.seed, self.epoch, index, slot])
 
 
 def fscs_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -799,14 +784,8 @@ def evaluate_fscs(model: nn.Module, benchmark: FewShotBenchmark, spec: FscsSpec,
                                        vis_episodes if out_dir is not None else 0, desc)
     if was_training:
         model.train()
-    meter.load_state(accelerator.gather(meter.state().to(accelerator.device)[None]))
-    skipped = gather_object(skipped)
-    check_skipped(skipped, len(episodes), spec.max_skipped if spec.on_bad_sample == "skip" else 0.0,
-                  f"{benchmark!r} FS-CS seed {seed}")
-    result: dict[str, Any] = {"meter": meter.summary(), "episodes_hash": digest, "episodes": len(episodes),
-                              "skipped": skipped}
-    result["meter"]["per_class_name"] = {str(benchmark.class_names.get(int(c), c)): v
-                                         for c, v in result["meter"]["per_class_iou"].items()}
+    result = merged_result(meter, skipped, benchmark, spec, len(episodes), digest, accelerator,
+                           f"FS-CS seed {seed}")
     if rows and out_dir is not None:
         rows.sort(key=lambda r: r[0])
         path = out_dir / f"fscs_grid_{way}way{spec.shot}shot_seed{seed}_rank{rank}.png"

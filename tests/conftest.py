@@ -32,3 +32,15 @@ def mobilenet_weights() -> Path:
     if not path.is_file():
         pytest.skip(f"MobileNetV2 weights not found at {path}")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small inputs gain nothing from a second one, and on a CPU shared with
+    other jobs two threads stall each other (many times slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,12 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "finetune" / "smoke_fss-mini_mnv2.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,7 @@ def tiny(tmp_path_factory) -> list[str]:
     return TINY
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a CPU shared with other jobs two threads are many times slower for small inputs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def blob_image(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

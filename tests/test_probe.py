@@ -29,14 +29,7 @@ from pretrain.probe import (
     support_foreground,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Batch-1 inference gains little from a second thread, and on a shared box two threads stall each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def unit(rows: list[list[float]]) -> np.ndarray:

@@ -25,13 +25,7 @@ from superpixels import cache as sp_cache
 W, H = 64, 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The box is shared: one torch thread is plenty for 64-px images."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def gradient8() -> np.ndarray:
