@@ -1,1 +1,2 @@
-"""The QGNet segmenter: frozen backbones, prior / guided region maps, category guider, FEM decoder."""
+"""Building blocks of the stage-2 methods: frozen dilated backbones, QGNet's region maps, PFENet's FEM decoder,
+and the ``model.*`` config schema."""
