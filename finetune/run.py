@@ -12,6 +12,7 @@ split the run will use is indexed and checked before the first training step.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ if __package__ in (None, ""):  # `accelerate launch finetune/run.py` puts finetu
 from common.cli import parse_run_args, user_errors  # noqa: E402
 from common.run import start_run  # noqa: E402
 from fewshot.data.sources import build_splits  # noqa: E402
-from finetune.config import FinetuneConfig  # noqa: E402
+from fewshot.evaluate import check_episodes  # noqa: E402
+from finetune.config import FinetuneConfig, eval_spec  # noqa: E402
 from finetune.engine import LAST, train  # noqa: E402
 from finetune.evaluate import check_eval_splits, eval_benchmarks, evaluate_all  # noqa: E402
 from finetune.methods import build_method  # noqa: E402
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
         return results
 
     val_set = splits.val if cfg.train.val_every else None
+    if val_set is not None and cfg.train.task == "fss":  # the validation episodes are read now too
+        check_episodes(val_set, dataclasses.replace(eval_spec(cfg), episodes=cfg.train.val_episodes, shot=cfg.shot),
+                       [cfg.train.seed])
     n_train = sum(p.numel() for p in model.trainable_parameters())
     n_all = sum(p.numel() for p in model.parameters())
     accelerator.print(f"train: {splits.train}\nval: {val_set}\ntest: {', '.join(map(repr, test_sets.values()))}\n"
