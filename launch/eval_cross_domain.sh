@@ -20,5 +20,7 @@ for target in $targets; do
       eval.shot="$shot" eval.seeds="$seeds" eval.out_dir="$ckpt/eval_cross_domain/${target}_${shot}shot" "$@"
   done
 done
-python -m fewshot.report "$ckpt"/eval_cross_domain/*/results.json --by benchmark \
-  --out "$ckpt/eval_cross_domain/table.md"
+# the method's results and, beside them, the training-free baselines of eval.compare_with on the same episodes
+shopt -s nullglob
+python -m fewshot.report "$ckpt"/eval_cross_domain/*/results.json "$ckpt"/eval_cross_domain/*/vs_*/results.json \
+  --by benchmark --out "$ckpt/eval_cross_domain/table.md"

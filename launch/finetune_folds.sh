@@ -12,11 +12,13 @@ launch_args=()
 [[ -n "${ACCELERATE_CONFIG_FILE:-}" ]] && launch_args=(--config_file "$ACCELERATE_CONFIG_FILE")
 out=${OUT_DIR:-runs/finetune}
 stem=$(basename "${cfg%.yaml}")
-results=()
+results=() baselines=()
+shopt -s nullglob  # no baseline results when eval.compare_with=[]
 for fold in ${FOLDS:-0 1 2 3}; do
   name="${stem}_fold${fold}_${shot}shot"
   accelerate launch "${launch_args[@]}" "$repo/finetune/run.py" --config "$cfg" --resume auto \
     data.fold="$fold" shot="$shot" model.prior="$prior" train.out_dir="$out" train.run_name="$name" "$@"
   results+=("$out/$name/eval/results.json")
+  baselines+=("$out/$name/eval"/vs_*/results.json)  # eval.compare_with, on the same episodes
 done
-python -m fewshot.report "${results[@]}" --by fold --out "$out/${stem}_${shot}shot_folds.md"
+python -m fewshot.report "${results[@]}" "${baselines[@]}" --by fold --out "$out/${stem}_${shot}shot_folds.md"

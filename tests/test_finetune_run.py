@@ -155,6 +155,8 @@ def test_cross_domain_script_collects_one_table(shared_data, mobilenet_weights, 
     assert table[0] == "| method | shot | benchmark chest_xray | benchmark kvasir | mean |"
     assert table[2].startswith("| qgnet | 1-shot | ") and table[3].startswith("| qgnet | 5-shot | ")
     assert " - |" in table[3]
+    # the training-free baseline beside it, on the same episodes
+    assert table[4].startswith("| prototype | 1-shot | ") and table[5].startswith("| prototype | 5-shot | ")
     for name in ("chest_xray_1shot", "kvasir_1shot", "chest_xray_5shot"):
         out = run / "eval_cross_domain" / name
         assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
@@ -178,3 +180,4 @@ def test_fold_script_trains_each_fold_and_tables_them(prior, data_root, tmp_path
         assert results["fold"] == str(fold) and results["shot"] == 1
     table = (tmp_path / "quickstart_cpu_1shot_folds.md").read_text().splitlines()
     assert table[0] == "| method | shot | fold 0 | fold 1 | mean |" and table[2].startswith("| qgnet | 1-shot | ")
+    assert table[3].startswith("| prototype | 1-shot | ")  # the training-free baseline, same episodes
