@@ -78,15 +78,22 @@ def check_eval_splits(cfg: FinetuneConfig, benches: dict[str, FewShotBenchmark])
         check_episodes(bench, eval_spec(cfg), list(cfg.eval.seeds), episodes)
 
 
-def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, benchmark: FewShotBenchmark,
-                   out_dir: Path, checkpoint: str, weights: Path | None = None, source: str = "") -> dict:
-    """Evaluate ``model`` (with ``weights`` loaded, if given) on ``benchmark`` with every seed; returns results."""
+def prepare_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, out_dir: Path,
+                       weights: Path | None = None) -> FewShotMethod:
+    """Load ``weights`` (if given), move the bare model to the device, save the config beside the results."""
     if weights is not None:
         load_weights(accelerator.unwrap_model(model), weights)
     model = accelerator.unwrap_model(model).to(accelerator.device)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+    return model
+
+
+def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, benchmark: FewShotBenchmark,
+                   out_dir: Path, checkpoint: str, weights: Path | None = None, source: str = "") -> dict:
+    """Evaluate ``model`` (with ``weights`` loaded, if given) on ``benchmark`` with every seed; returns results."""
+    model = prepare_evaluation(cfg, accelerator, model, out_dir, weights)
     spec = eval_spec(cfg)
     episodes = load_episodes(cfg.eval.episodes_file) if cfg.eval.episodes_file else None
     name = source if cfg.data.sources else cfg.data.benchmark

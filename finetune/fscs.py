@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor
 
-from common.config import save_config
 from fewshot.data.base import IGNORE_INDEX, FewShotBenchmark
 from fewshot.fscs import (
     FscsDataset,
@@ -115,14 +114,9 @@ def run_fscs_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: Fe
                         benchmark: FewShotBenchmark, out_dir: Path, checkpoint: str, weights: Path | None = None,
                         source: str = "") -> dict[str, Any]:
     """FS-CS evaluation of ``model`` (with ``weights`` loaded, if given) on ``benchmark`` with every seed."""
-    from finetune.evaluate import load_weights  # finetune.evaluate dispatches here: imported when called
+    from finetune.evaluate import prepare_evaluation  # finetune.evaluate dispatches here: imported when called
 
-    if weights is not None:
-        load_weights(accelerator.unwrap_model(model), weights)
-    model = accelerator.unwrap_model(model).to(accelerator.device)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+    model = prepare_evaluation(cfg, accelerator, model, out_dir, weights)
     episodes = load_fscs_episodes(cfg.eval.episodes_file) if cfg.eval.episodes_file else None
     name = source if cfg.data.sources else cfg.data.benchmark
     meta = {"method": cfg.model.method, "benchmark": name, "fold": str(cfg.data.fold), "checkpoint": checkpoint,
