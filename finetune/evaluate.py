@@ -140,7 +140,9 @@ def evaluate_all(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMe
         if name == cfg.model.method:
             continue
         base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, method=name))
-        baseline = build_method(base_cfg.model)
+        with torch.random.fork_rng(devices=[]):  # a random-init backbone (quick-start) must not depend on what
+            torch.manual_seed(cfg.train.seed)     # ran before: the baseline is a function of the config alone
+            baseline = build_method(base_cfg.model)
         if baseline.trains:
             raise WeightsError(f"eval.compare_with: {name} has trained parameters; only training-free methods "
                                "(e.g. prototype) can be compared without a run of their own")
