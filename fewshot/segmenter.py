@@ -23,11 +23,14 @@ class SegmenterOutput:
         maps: named ``[B,1,h,w]`` maps in [0, 1] (e.g. QGNet's ``prior`` and ``guided`` region maps), drawn in
             the PNG grids in this order and scored by the region-map recall analysis.
         aux_logits: extra ``[B,2,b,b]`` logits that only a training loss uses.
+        loss_inputs: other tensors only the method's own training loss reads (e.g. SSP's query features for
+            its self-matching term); empty at evaluation.
     """
 
     logits: Tensor
     maps: dict[str, Tensor] = field(default_factory=dict)
     aux_logits: list[Tensor] = field(default_factory=list)
+    loss_inputs: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Segmenter(Protocol):

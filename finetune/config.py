@@ -43,7 +43,7 @@ class TrainConfig:
                                    "(never the test classes) and keep the best weights (0 = never)")
     val_episodes: int = field(1000, help="validation episodes")
     val_at_start: bool = field(False, help="also validate the untrained model before the first step, so that model "
-                                           "selection can keep the starting point (with model.prototype_residual it "
+                                           "selection can keep the starting point (with model.residual it "
                                            "is the training-free baseline: training must beat it to be kept)")
     max_skipped: float = field(0.1, help="with data.on_bad_sample=skip: the run fails when more than this share "
                                          "of its training episodes was skipped as bad input")

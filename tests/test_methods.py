@@ -169,7 +169,7 @@ def test_balanced_cross_entropy_by_hand():
 
 def test_prototype_residual_starts_exactly_as_the_baseline():
     torch.manual_seed(0)
-    qgnet = build_method(model_cfg("method=pfenet", "extra_maps=[prototype]", "prototype_residual=true",
+    qgnet = build_method(model_cfg("method=pfenet", "extra_maps=[prototype]", "residual=prototype",
                                    "freeze_bn_stats=true")).eval()
     baseline = PrototypeBaseline(qgnet.backbone, "layer3", 20.0).eval()  # the same frozen trunk
     g = torch.Generator().manual_seed(2)

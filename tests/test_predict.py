@@ -177,7 +177,7 @@ VARIANTS = {
     "prototype_l34": ["method=prototype", "prototype_layer=layer3+layer4"],
     "qgnet": [],
     "pfenet": ["method=pfenet"],
-    "qgnet_cue": ["extra_maps=[prototype]", "prototype_residual=true", "prototype_layer=layer2"],
+    "qgnet_cue": ["extra_maps=[prototype]", "residual=prototype", "prototype_layer=layer2"],
     "qgnet_chunked": ["sim_chunk=7"],
 }
 

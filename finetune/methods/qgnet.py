@@ -27,10 +27,17 @@ from torch import Tensor, nn
 from fewshot.segmenter import SegmenterOutput
 from finetune.methods.base import FewShotMethod, register
 from finetune.methods.prototype import masked_average, prototype_logits
+from finetune.methods.ssp import cosine_logits, ssp_match
 from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
 from finetune.model.config import ModelConfig
 from finetune.model.fem import FEM
-from finetune.model.region_maps import guided_region_map, prior_region_map, projection, weighted_gap
+from finetune.model.region_maps import (
+    guided_region_map,
+    minmax_normalize,
+    prior_region_map,
+    projection,
+    weighted_gap,
+)
 
 
 @dataclass
@@ -38,7 +45,7 @@ class QueryFeatures:
     """What :meth:`QGNet.encode_query` keeps of a query batch."""
 
     taps: tuple[Tensor, Tensor, Tensor]   # backbone layer2 / layer3 / layer4, each [B,C,h,w]
-    bridge: Tensor                        # down_query(cat[layer3, layer2]) [B,D,h,w]
+    bridge: Tensor | None                 # down_query(cat[layer3, layer2]) [B,D,h,w]; None with head_inputs=maps
     prior: Tensor | None                  # the prior's layer4 [B,C',h,w]
     size: tuple[int, int]                 # the input size (H, W)
 
@@ -48,13 +55,13 @@ class SupportFeatures:
     """What :meth:`QGNet.encode_supports` keeps of the supports; batch 1 is shared by every query."""
 
     masked_l4: list[Tensor]               # per shot: layer4 of the masked support, times the mask [B,C4,h,w]
-    guide: Tensor                         # category guider, mean over shots [B,D,1,1]
+    guide: Tensor | None                  # category guider, mean over shots [B,D,1,1]; None with head_inputs=maps
     fg: Tensor | None = None              # prototype cue, mean over shots [B,C]
     bg: Tensor | None = None
 
     def expand(self, batch: int) -> SupportFeatures:
         """The same supports for ``batch`` queries (a no-op when the batch already matches)."""
-        if self.guide.shape[0] == batch:
+        if self.masked_l4[0].shape[0] == batch:
             return self
 
         def grow(t: Tensor | None) -> Tensor | None:
@@ -63,8 +70,9 @@ class SupportFeatures:
         return SupportFeatures([grow(t) for t in self.masked_l4], grow(self.guide), grow(self.fg), grow(self.bg))
 
 
-# query-side cues that can join the FEM's region maps (model.extra_maps)
-EXTRA_MAPS = ("prototype",)
+# query-side cues that can join the FEM's region maps (model.extra_maps), and the maps each one adds
+EXTRA_MAPS = {"prototype": ("prototype",), "ssp": ("ssp_fg", "ssp_bg")}
+RESIDUALS = ("none", "prototype", "ssp")
 
 
 def _reduce(cin: int, cout: int, dropout: float) -> nn.Sequential:
@@ -83,30 +91,37 @@ class QGNet(FewShotMethod):
         paper_literal: prior map from raw layer4 cosines (no ``down_learn_*``).
         sim_chunk: chunk size of the max-cosine (0 = full matrix).
         aux_weight: weight of the per-bin auxiliary losses.
-        extra_maps: query cues added to the FEM's maps (``prototype``: the baseline's foreground probability).
-        prototype_residual: add the prototype baseline's logits to the head's (last layer zero-initialised).
-        prototype_layer, prototype_scale: the tap (layer2 / layer3) and temperature of the prototype cue.
+        extra_maps: query cues added to the FEM's maps (``prototype``: the baseline's foreground probability;
+            ``ssp``: min-max normalised cosines to SSP's first-round fg and per-pixel bg prototypes).
+        residual: add a training-free answer's logits (``prototype`` or ``ssp``) to the head's, whose last
+            layer is then zero-initialised; ``none`` = the reference head.
+        prototype_layer, prototype_scale: the tap (layer2 / layer3) of both cues and the prototype's temperature.
         balanced_loss: foreground and background pixels weigh equally per episode (:func:`balanced_cross_entropy`).
+        head_inputs: ``features`` (the reference FEM input) or ``maps`` (the maps alone; no bridge, no guider).
     """
 
     def __init__(self, backbone: FrozenBackbone, prior: FrozenBackbone | None, bins: list[float],
                  reduce_dim: int = 256, dropout: float = 0.5, paper_literal: bool = False,
                  sim_chunk: int = 0, aux_weight: float = 1.0, extra_maps: list[str] | None = None,
-                 prototype_residual: bool = False, prototype_layer: str = "layer3",
-                 prototype_scale: float = 20.0, balanced_loss: bool = False) -> None:
+                 residual: str = "none", prototype_layer: str = "layer3",
+                 prototype_scale: float = 20.0, balanced_loss: bool = False, head_inputs: str = "features") -> None:
         super().__init__()
         self.backbone, self.prior, self.sim_chunk, self.aux_weight = backbone, prior, sim_chunk, aux_weight
         self.extra_maps = list(extra_maps or [])
         unknown = [m for m in self.extra_maps if m not in EXTRA_MAPS]
         if unknown:
             raise ValueError(f"model.extra_maps: {unknown[0]!r} is not one of {', '.join(EXTRA_MAPS)}")
+        if residual not in RESIDUALS:
+            raise ValueError(f"model.residual: {residual!r} is not one of {', '.join(RESIDUALS)}")
         if prototype_layer not in ("layer2", "layer3"):
             raise ValueError(f"qgnet computes its prototype cue on layer2 or layer3, not {prototype_layer!r}")
-        self.prototype_residual, self.prototype_layer = prototype_residual, prototype_layer
+        self.residual, self.prototype_layer = residual, prototype_layer
         self.prototype_scale, self.balanced_loss = prototype_scale, balanced_loss
         bridge_in = backbone.layer2_channels + backbone.layer3_channels
-        self.down_query = _reduce(bridge_in, reduce_dim, dropout)
-        self.down_supp = _reduce(bridge_in, reduce_dim, dropout)
+        # with head_inputs=maps nothing reads the bridge or the guider: they are not built (DDP rejects unused weights)
+        features = head_inputs == "features"
+        self.down_query = _reduce(bridge_in, reduce_dim, dropout) if features else None
+        self.down_supp = _reduce(bridge_in, reduce_dim, dropout) if features else None
         self.down_learn_super: nn.Module | None = None
         self.down_learn_unsuper: nn.Module | None = None
         if prior is not None and paper_literal and prior.layer4_channels != backbone.layer4_channels:
@@ -115,8 +130,10 @@ class QGNet(FewShotMethod):
         if prior is not None and not paper_literal:
             self.down_learn_super = projection(backbone.layer4_channels, reduce_dim, dropout)
             self.down_learn_unsuper = projection(prior.layer4_channels, reduce_dim, dropout)
-        self.fem = FEM(bins, num_maps=(1 if prior is None else 2) + len(self.extra_maps), dim=reduce_dim)
-        if prototype_residual:  # the head starts as the training-free prototype answer and learns a correction
+        extra_channels = sum(len(EXTRA_MAPS[m]) for m in self.extra_maps)
+        self.fem = FEM(bins, num_maps=(1 if prior is None else 2) + extra_channels, dim=reduce_dim,
+                       with_features=head_inputs == "features")
+        if residual != "none":  # the head starts as the training-free answer and learns a correction
             nn.init.zeros_(self.fem.cls[-1].weight)
             nn.init.zeros_(self.fem.cls[-1].bias)
 
@@ -142,7 +159,7 @@ class QGNet(FewShotMethod):
     def encode_query(self, query: Tensor) -> QueryFeatures:
         """``query [B,3,H,W]`` -> backbone taps, the bridge ``[B,D,h,w]`` and the prior's layer4."""
         q2, q3, q4 = self.backbone(query)                                    # [B,C2|C3|C4,h,w]
-        bridge = self.down_query(torch.cat([q3, q2], dim=1))                 # [B,D,h,w]
+        bridge = self.down_query(torch.cat([q3, q2], dim=1)) if self.down_query is not None else None  # [B,D,h,w]
         p4 = self.prior(query)[2] if self.prior is not None else None        # [B,C',h,w]
         return QueryFeatures((q2, q3, q4), bridge, p4, tuple(query.shape[-2:]))
 
@@ -155,42 +172,51 @@ class QGNet(FewShotMethod):
             fg = (support_masks[:, i] == 1).unsqueeze(1).float()             # [B,1,H,W]
             mask = F.interpolate(fg, size=s3.shape[-2:], mode="bilinear", align_corners=True)
             masked_l4.append(self.backbone.run_layer4(s3 * mask) * mask)     # [B,C4,h,w]
-            prototypes.append(weighted_gap(self.down_supp(torch.cat([s3, s2], dim=1)), mask))  # [B,D,1,1]
-            if self.uses_prototype_cue:  # the training-free baseline's prototypes (methods.prototype)
+            if self.down_supp is not None:
+                prototypes.append(weighted_gap(self.down_supp(torch.cat([s3, s2], dim=1)), mask))  # [B,D,1,1]
+            if self.uses_support_prototypes:  # the training-free baselines' prototypes (prototype, ssp)
                 tap = s3 if self.prototype_layer == "layer3" else s2
                 bg = F.interpolate((support_masks[:, i] == 0).unsqueeze(1).float(), size=tap.shape[-2:],
                                    mode="bilinear", align_corners=True)
                 fg_protos.append(masked_average(tap, mask))
                 bg_protos.append(masked_average(tap, bg))
         cue = (torch.stack(fg_protos).mean(0), torch.stack(bg_protos).mean(0)) if fg_protos else (None, None)
-        return SupportFeatures(masked_l4, torch.stack(prototypes).mean(dim=0), *cue)
+        guide = torch.stack(prototypes).mean(dim=0) if prototypes else None
+        return SupportFeatures(masked_l4, guide, *cue)
 
     def decode(self, query: QueryFeatures, supports: SupportFeatures) -> SegmenterOutput:
         """Region maps, FEM and logits ``[B,2,H,W]``; supports encoded once (batch 1) serve every query."""
-        supports = supports.expand(query.bridge.shape[0])
+        supports = supports.expand(query.taps[0].shape[0])
         q2, q3, q4 = query.taps
         guided = [guided_region_map(q4, s4, self.sim_chunk) for s4 in supports.masked_l4]  # each [B,1,h,w]
         maps = {"guided": torch.stack(guided).mean(dim=0)}
-        proto_logits = None
-        if self.uses_prototype_cue:
-            tap = q3 if self.prototype_layer == "layer3" else q2
-            proto_logits = prototype_logits(tap, supports.fg, supports.bg, self.prototype_scale)  # [B,2,h,w]
-            maps["prototype"] = proto_logits.softmax(dim=1)[:, 1:]
+        tap = q3 if self.prototype_layer == "layer3" else q2
+        answers = {}  # the training-free answers a residual can start from, [B,2,h,w]
+        if "prototype" in self.extra_maps or self.residual == "prototype":
+            answers["prototype"] = prototype_logits(tap, supports.fg, supports.bg, self.prototype_scale)
+            maps["prototype"] = answers["prototype"].softmax(dim=1)[:, 1:]
+        if "ssp" in self.extra_maps or self.residual == "ssp":
+            match = ssp_match(tap, supports.fg, supports.bg)
+            answers["ssp"] = match["out"]
+            cosines = cosine_logits(tap, match["fg1"], match["bg1"], scale=1.0)             # [B,2,h,w]
+            for i, name in ((1, "ssp_fg"), (0, "ssp_bg")):
+                maps[name] = minmax_normalize(cosines[:, i].flatten(1)).view_as(cosines[:, :1])
         if self.prior is not None:
             maps = {"prior": prior_region_map(q4, query.prior, self.down_learn_super, self.down_learn_unsuper,
                                               self.sim_chunk), **maps}
         # FEM input order: [bridge, prototype, guided, prior] (the reference concatenation), then extra maps
-        fem_maps = [maps[k] for k in ("guided", "prior") if k in maps] + [maps[k] for k in self.extra_maps]
+        fem_maps = [maps[k] for k in ("guided", "prior") if k in maps]
+        fem_maps += [maps[name] for m in self.extra_maps for name in EXTRA_MAPS[m]]
         logits, aux = self.fem(query.bridge, supports.guide, fem_maps)
-        if self.prototype_residual:
-            logits = logits + proto_logits.to(logits.dtype)
+        if self.residual != "none":
+            logits = logits + answers[self.residual].to(logits.dtype)
         logits = F.interpolate(logits, size=query.size, mode="bilinear", align_corners=True)
         return SegmenterOutput(logits=logits, maps=maps, aux_logits=aux)
 
     @property
-    def uses_prototype_cue(self) -> bool:
-        """Whether the prototype baseline's answer is computed (a FEM map or the residual)."""
-        return self.prototype_residual or "prototype" in self.extra_maps
+    def uses_support_prototypes(self) -> bool:
+        """Whether the supports' masked-average prototypes are needed (an extra map or a residual)."""
+        return self.residual != "none" or bool(self.extra_maps)
 
 
 def _check_inputs(query: Tensor, supports: Tensor, support_masks: Tensor) -> int:
@@ -214,8 +240,8 @@ def build_qgnet(cfg: ModelConfig) -> QGNet:
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats)
     prior = None if cfg.prior == "none" else build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats)
     return QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk,
-                 cfg.aux_weight, cfg.extra_maps, cfg.prototype_residual, cfg.prototype_layer, cfg.prototype_scale,
-                 cfg.balanced_loss)
+                 cfg.aux_weight, cfg.extra_maps, cfg.residual, cfg.prototype_layer, cfg.prototype_scale,
+                 cfg.balanced_loss, cfg.head_inputs)
 
 
 @register("pfenet")

@@ -14,8 +14,10 @@ Both the feature extractor F and the stage-1 prior extractor F_p are built here 
   score the minimum 0) and is the map stage 1 trained on (``net.features``).
 
 With input H = 8n+1 every tap is ``(H-1)/8+1`` pixels high. All parameters are frozen and the taps run
-under ``torch.no_grad()``. BatchNorm follows the module's train/eval mode (the reference: frozen backbones
-still use batch statistics and update running stats while training) unless ``freeze_bn_stats``.
+under ``torch.no_grad()``, except the stages named in ``train_layers`` (SSP's reference trains layer2/3):
+their convolutions train, their BatchNorm affine parameters stay frozen, and every stage from the first
+trained one on runs with autograd. BatchNorm follows the module's train/eval mode (the reference: frozen
+backbones still use batch statistics and update running stats while training) unless ``freeze_bn_stats``.
 """
 
 from __future__ import annotations
@@ -43,22 +45,46 @@ def classifier_keys(arch: str) -> set[str]:
     return set(arch_info(arch).classifier)
 
 
+STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+
+
 class FrozenBackbone(nn.Module):
-    """A frozen stride-8 trunk ``layer0 -> layer4``.
+    """A stride-8 trunk ``layer0 -> layer4``, frozen except the stages in ``train_layers``.
 
     Attributes:
         arch: torchvision architecture name.
         layer2_channels, layer3_channels, layer4_channels: channels of the three taps.
         freeze_bn_stats: keep BatchNorm in eval mode even when the module is in train mode.
+        train_layers: the stages whose convolutions train (BatchNorm affine parameters stay frozen).
     """
 
-    def __init__(self, arch: str, stages: list[nn.Module], freeze_bn_stats: bool = False) -> None:
+    def __init__(self, arch: str, stages: list[nn.Module], freeze_bn_stats: bool = False,
+                 train_layers: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.arch = arch
         self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.layer2_channels, self.layer3_channels, self.layer4_channels = ARCHS[arch].taps
         self.freeze_bn_stats = freeze_bn_stats
+        unknown = [name for name in train_layers if name not in STAGES]
+        if unknown:
+            raise ValueError(f"model.train_layers: {unknown[0]!r} is not one of {', '.join(STAGES)}")
+        self.train_layers = tuple(name for name in STAGES if name in train_layers)
         self.requires_grad_(False)
+        for name in self.train_layers:
+            stage = getattr(self, name).requires_grad_(True)
+            for module in stage.modules():
+                if isinstance(module, nn.BatchNorm2d):  # the reference keeps every BatchNorm frozen
+                    module.requires_grad_(False)
+        # autograd from the first trained stage on; the stages before it never need a graph
+        first = min((STAGES.index(n) for n in self.train_layers), default=len(STAGES))
+        self._graph_stages = set(STAGES[first:])
+
+    def _run(self, name: str, x: Tensor) -> Tensor:
+        """One stage, with autograd only where a trained stage needs it."""
+        if name in self._graph_stages and torch.is_grad_enabled():
+            return getattr(self, name)(x)
+        with torch.no_grad():
+            return getattr(self, name)(x)
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         """Set the mode; BatchNorm stays in eval mode when ``freeze_bn_stats``."""
@@ -69,24 +95,23 @@ class FrozenBackbone(nn.Module):
                     module.eval()
         return self
 
-    @torch.no_grad()
     def to_layer3(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``[B,3,H,W] -> (layer2 [B,C2,h,w], layer3 [B,C3,h,w])`` with h = (H-1)/8+1."""
-        x2 = self.layer2(self.layer1(self.layer0(x)))
-        return x2, self.layer3(x2)
+        x2 = self._run("layer2", self._run("layer1", self._run("layer0", x)))
+        return x2, self._run("layer3", x2)
 
-    @torch.no_grad()
     def run_layer4(self, x3: Tensor) -> Tensor:
         """``layer3 features [B,C3,h,w] -> layer4 [B,C4,h,w]``; the support path feeds masked layer3 here."""
-        return self.layer4(x3)
+        return self._run("layer4", x3)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``[B,3,H,W] -> (layer2, layer3, layer4)``, each ``[B,C,h,w]``, no gradients."""
+        """``[B,3,H,W] -> (layer2, layer3, layer4)``, each ``[B,C,h,w]`` (gradients only through trained stages)."""
         x2, x3 = self.to_layer3(x)
         return x2, x3, self.run_layer4(x3)
 
 
-def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_stats: bool = False) -> FrozenBackbone:
+def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_stats: bool = False,
+                   train_layers: tuple[str, ...] = ()) -> FrozenBackbone:
     """The feature extractor F.
 
     Args:
@@ -95,6 +120,7 @@ def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_s
             ``"torchvision"`` (torchvision's IMAGENET1K_V1 weights; downloads) or ``"random"``.
         deep_stem: ResNet with the PSPNet deep stem (the weights file must have ``conv1..conv3, bn1..bn3``).
         freeze_bn_stats: BatchNorm always in eval mode.
+        train_layers: stages whose convolutions train (``model.train_layers``); none by default.
     """
     arch_info(name, "model.backbone")
     if deep_stem and name not in ("resnet50", "resnet101"):
@@ -115,7 +141,7 @@ def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_s
                 if name.startswith("resnet") and "conv1.weight" in str(err):
                     raise ValueError(f"{err}. Is model.deep_stem={deep_stem} right for this file?") from err
                 raise
-    return FrozenBackbone(name, _stages(net, name, deep_stem), freeze_bn_stats)
+    return FrozenBackbone(name, _stages(net, name, deep_stem), freeze_bn_stats, tuple(train_layers))
 
 
 def resolve_prior_arch(path: str, arch: str = "auto") -> str:

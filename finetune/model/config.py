@@ -17,7 +17,7 @@ from common.config import field
 class ModelConfig:
     method: str = field(
         "qgnet", help="the registered few-shot method (finetune.methods): qgnet | pfenet (qgnet without the prior) "
-                      "| prototype (training-free masked-average prototypes)")
+                      "| prototype (training-free masked-average prototypes) | ssp (self-support prototypes)")
     backbone: Literal["resnet50", "resnet101", "mobilenet_v2"] = field(
         "resnet50", help="frozen feature extractor F (bridge and support features), dilated to output stride 8")
     backbone_weights: str = field(
@@ -55,10 +55,20 @@ class ModelConfig:
     dropout: float = field(0.5, help="Dropout2d after the 1x1 bridge reductions and the 3x3 prior projections")
     extra_maps: list[str] = field(
         [], help="qgnet / pfenet: extra query maps for the FEM beside the guided (and prior) map; 'prototype' = the "
-                 "training-free baseline's foreground probability (model.prototype_layer, layer2 or layer3)")
-    prototype_residual: bool = field(
-        False, help="qgnet / pfenet: add the prototype baseline's logits to the head's, with the head's last layer "
-                    "zero-initialised, so training starts from the no-learning answer and learns a correction")
+                 "training-free baseline's foreground probability, 'ssp' = SSP's min-max normalised cosines to its "
+                 "first-round self-support fg and per-pixel bg prototypes (both on model.prototype_layer)")
+    residual: Literal["none", "prototype", "ssp"] = field(
+        "none", help="qgnet / pfenet: add a training-free method's logits (prototype, or ssp's final answer) to the "
+                     "head's, with the head's last layer zero-initialised, so training starts from the no-learning "
+                     "answer and learns a correction")
+    head_inputs: Literal["features", "maps"] = field(
+        "features", help="qgnet / pfenet: what the FEM decodes: 'features' = the reference (bridge features, category "
+                         "guider and region maps); 'maps' = the region / extra maps alone (class-agnostic: the head "
+                         "cannot learn what the training classes look like)")
+    train_layers: list[str] = field(
+        [], help="ssp: backbone stages whose convolutions train (the reference: [layer2, layer3]); BatchNorm stays "
+                 "frozen; [] = the training-free variant")
+    ssp_refine: bool = field(True, help="ssp: the second self-support round (the reference's refine=True)")
     prototype_layer: Literal["layer2", "layer3", "layer4", "layer3+layer4"] = field(
         "layer3", help="prototype: the frozen backbone tap the prototypes are pooled on (all at output stride 8)")
     prototype_scale: float = field(20.0, help="prototype: cosine temperature (PANet's 20; the argmax ignores it)")

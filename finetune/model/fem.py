@@ -37,13 +37,17 @@ class FEM(nn.Module):
         num_maps: region maps concatenated per bin (2 for QGNet: guided + prior; 1 for PFENet).
         dim: channels of the bridge features and the prototype.
         classes: output classes (background, foreground).
+        with_features: ``False`` = decode from the region maps alone (bridge and prototype are not read): a head
+            that sees no appearance feature cannot memorise the training classes' looks.
     """
 
-    def __init__(self, bins: list[float], num_maps: int, dim: int = 256, classes: int = 2) -> None:
+    def __init__(self, bins: list[float], num_maps: int, dim: int = 256, classes: int = 2,
+                 with_features: bool = True) -> None:
         super().__init__()
-        self.bins = list(bins)
+        self.bins, self.with_features = list(bins), with_features
         n = len(self.bins)
-        self.init_merge = nn.ModuleList(nn.Sequential(*_conv_relu(2 * dim + num_maps, dim, 1)) for _ in range(n))
+        cin = (2 * dim if with_features else 0) + num_maps
+        self.init_merge = nn.ModuleList(nn.Sequential(*_conv_relu(cin, dim, 1)) for _ in range(n))
         self.alpha_conv = nn.ModuleList(nn.Sequential(*_conv_relu(2 * dim, dim, 1)) for _ in range(n - 1))
         self.beta_conv = nn.ModuleList(
             nn.Sequential(*_conv_relu(dim, dim, 3), *_conv_relu(dim, dim, 3)) for _ in range(n))
@@ -52,22 +56,24 @@ class FEM(nn.Module):
         self.res2 = nn.Sequential(*_conv_relu(dim, dim, 3), *_conv_relu(dim, dim, 3))
         self.cls = _classifier(dim, classes)
 
-    def forward(self, query: Tensor, prototype: Tensor, maps: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, query: Tensor | None, prototype: Tensor | None,
+                maps: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Decode.
 
         Args:
-            query: bridge features ``[B,D,h,w]``.
-            prototype: category guider ``[B,D,1,1]``.
+            query: bridge features ``[B,D,h,w]`` (None without ``with_features``).
+            prototype: category guider ``[B,D,1,1]`` (None without ``with_features``).
             maps: region maps, each ``[B,1,h,w]``, in concatenation order (guided, then prior).
 
         Returns:
             logits ``[B,classes,h,w]`` and one auxiliary ``[B,classes,b,b]`` per bin.
         """
-        size = query.shape[-2:]
+        size = maps[0].shape[-2:]
         pyramid, aux = [], []
         for j, b in enumerate(resolve_bins(self.bins, size[0])):
             maps_b = [F.interpolate(m, size=(b, b), mode="bilinear", align_corners=True) for m in maps]
-            x = torch.cat([F.adaptive_avg_pool2d(query, b), prototype.expand(-1, -1, b, b), *maps_b], dim=1)
+            features = [F.adaptive_avg_pool2d(query, b), prototype.expand(-1, -1, b, b)] if self.with_features else []
+            x = torch.cat([*features, *maps_b], dim=1)
             x = self.init_merge[j](x)                                       # [B,D,b,b]
             if j > 0:
                 finer = F.interpolate(pyramid[-1], size=(b, b), mode="bilinear", align_corners=True)
