@@ -56,6 +56,21 @@ def load_weights(model: FewShotMethod, weights: Path) -> FewShotMethod:
     return model
 
 
+def init_weights(model: FewShotMethod, weights: Path) -> list[str]:
+    """Start ``model`` from another run's weights (``model.init_from``): every key of the file must exist in the
+    model with the same shape; the model's keys the file lacks (e.g. QSM's modules over an SSP run) keep their
+    initialisation and are returned."""
+    state = load_state_dict_file(weights)
+    own = model.state_dict()
+    extra = sorted(set(state) - set(own))
+    bad = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if extra or bad:
+        raise WeightsError(f"model.init_from={weights} does not fit model.* of the config: keys the model lacks "
+                           f"{extra[:5]}, wrong shapes {bad[:5]}")
+    missing, _ = model.load_state_dict(state, strict=False)
+    return sorted(missing)
+
+
 def eval_benchmarks(cfg: FinetuneConfig, splits: Splits | None = None) -> dict[str, FewShotBenchmark]:
     """The benchmarks ``eval.split`` names, one per source (``val``: the joined validation classes)."""
     if cfg.eval.split == "test":

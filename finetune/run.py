@@ -25,7 +25,13 @@ from fewshot.data.sources import build_splits  # noqa: E402
 from fewshot.evaluate import check_episodes  # noqa: E402
 from finetune.config import FinetuneConfig, eval_spec  # noqa: E402
 from finetune.engine import LAST, train  # noqa: E402
-from finetune.evaluate import check_eval_splits, eval_benchmarks, evaluate_all  # noqa: E402
+from finetune.evaluate import (  # noqa: E402
+    check_eval_splits,
+    eval_benchmarks,
+    evaluate_all,
+    init_weights,
+    resolve_weights,
+)
 from finetune.methods import build_method  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
                             cfg.train.deterministic, cfg.train.trackers, header={"method": cfg.model.method})
 
     model = build_method(cfg.model)
+    if cfg.model.init_from:
+        kept = init_weights(model, resolve_weights(cfg.model.init_from))
+        accelerator.print(f"initialised from {cfg.model.init_from}; {len(kept)} tensors keep their initialisation"
+                          + (f" ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else ""))
     # every split the run will use is indexed, checked for class overlaps and (test) read now, not after training
     splits = build_splits(cfg.data, need_train=model.trains, need_val=model.trains and cfg.train.val_every > 0)
     test_sets = eval_benchmarks(cfg, splits)

@@ -1,14 +1,14 @@
 """The method registry: ``model.method`` names the few-shot segmenter, built by :func:`build_method`.
 
 Registered: ``qgnet`` (the paper's model), ``pfenet`` (QGNet without the prior), ``prototype`` (a
-training-free masked-average-prototype baseline) and ``ssp`` (self-support prototypes; training-free unless
-``model.train_layers``). A new method is one module here that registers its
+training-free masked-average-prototype baseline), ``ssp`` (self-support prototypes; training-free unless
+``model.train_layers`` or ``model.adapter``) and ``qsm`` (query self-similarity prototyping, on SSP). A new method is one module here that registers its
 builder (see ``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
-from finetune.methods import prototype, qgnet, ssp  # noqa: F401  (importing registers them)
+from finetune.methods import prototype, qgnet, qsm, ssp  # noqa: F401  (importing registers them)
 from finetune.methods.base import METHODS, FewShotMethod, register
 from finetune.model.config import ModelConfig
 

@@ -21,7 +21,10 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from fewshot.segmenter import SegmenterOutput
+from finetune.model.adapters import pop_cyclic_loss
 from finetune.model.config import ModelConfig
+
+ADAPTER_WEIGHT = 2.0  # weight of the DR-Adapters' cyclic statistics loss (DR-Adapter and QSM: 2 * L1)
 
 
 class FewShotMethod(nn.Module):
@@ -46,6 +49,14 @@ class FewShotMethod(nn.Module):
     def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Training loss of ``out`` against ``target [B,S,S]`` (0 / 1 / 255 = ignore)."""
         raise NotImplementedError(f"{type(self).__name__} is training-free: it has no loss")
+
+    def add_adapter_loss(self, total: Tensor, parts: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``total + 2 * cyclic`` when ``self.backbone`` has DR-Adapters (their terms since the last call)."""
+        adapters = getattr(getattr(self, "backbone", None), "adapters", None)
+        if not adapters:
+            return total, parts
+        cyclic = pop_cyclic_loss(adapters, total.device)
+        return total + ADAPTER_WEIGHT * cyclic, {**parts, "cyclic": cyclic.detach()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimiser updates (frozen backbones excluded)."""

@@ -139,7 +139,7 @@ class QGNet(FewShotMethod):
 
     def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`qgnet_loss` with ``model.aux_weight``."""
-        return qgnet_loss(out, target, self.aux_weight, balanced=self.balanced_loss)
+        return self.add_adapter_loss(*qgnet_loss(out, target, self.aux_weight, balanced=self.balanced_loss))
 
     def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
         """Segment the query's foreground class given k annotated supports.
@@ -237,7 +237,8 @@ def _check_inputs(query: Tensor, supports: Tensor, support_masks: Tensor) -> int
 @register("qgnet")
 def build_qgnet(cfg: ModelConfig) -> QGNet:
     """QGNet (or the PFENet baseline when ``cfg.prior == "none"``) from the ``model.*`` config."""
-    backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats)
+    backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats,
+                              adapter=cfg.adapter)
     prior = None if cfg.prior == "none" else build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats)
     return QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk,
                  cfg.aux_weight, cfg.extra_maps, cfg.residual, cfg.prototype_layer, cfg.prototype_scale,

@@ -164,8 +164,9 @@ class SSP(FewShotMethod):
         return out
 
     def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``CE(out) + CE(out1) + CE(query self-matching) + 0.2 CE(support self-matching)``."""
-        return ssp_loss(out, target)
+        """``CE(out) + CE(out1) + CE(query self-matching) + 0.2 CE(support self-matching)`` (+ 2 * the
+        DR-Adapters' cyclic loss with ``model.adapter=dr``)."""
+        return self.add_adapter_loss(*ssp_loss(out, target))
 
 
 def ssp_loss(out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -193,5 +194,5 @@ def ssp_loss(out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Te
 def build_ssp(cfg: ModelConfig) -> SSP:
     """SSP on ``model.backbone``; ``model.train_layers`` (e.g. ``[layer2, layer3]``) trains, none = training-free."""
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, freeze_bn_stats=True,
-                              train_layers=tuple(cfg.train_layers))
+                              train_layers=tuple(cfg.train_layers), adapter=cfg.adapter)
     return SSP(backbone, cfg.prototype_layer, cfg.ssp_refine)

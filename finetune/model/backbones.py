@@ -29,6 +29,7 @@ import torchvision
 from torch import Tensor, nn
 
 from common.errors import WeightsError
+from finetune.model.adapters import DRAdapter, stage_channels
 from common.weights import (
     ARCHS,
     MissingWeightsError,
@@ -46,6 +47,7 @@ def classifier_keys(arch: str) -> set[str]:
 
 
 STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+ADAPTED_STAGES = ("layer0", "layer1", "layer2")  # DR-Adapter follows each of the first three stages
 
 
 class FrozenBackbone(nn.Module):
@@ -56,10 +58,12 @@ class FrozenBackbone(nn.Module):
         layer2_channels, layer3_channels, layer4_channels: channels of the three taps.
         freeze_bn_stats: keep BatchNorm in eval mode even when the module is in train mode.
         train_layers: the stages whose convolutions train (BatchNorm affine parameters stay frozen).
+        adapters: trained modules applied to a stage's output, by stage name (``adapter="dr"``: a DR-Adapter
+            after layer0, layer1 and layer2; :mod:`finetune.model.adapters`).
     """
 
     def __init__(self, arch: str, stages: list[nn.Module], freeze_bn_stats: bool = False,
-                 train_layers: tuple[str, ...] = ()) -> None:
+                 train_layers: tuple[str, ...] = (), adapter: str = "none") -> None:
         super().__init__()
         self.arch = arch
         self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -75,16 +79,24 @@ class FrozenBackbone(nn.Module):
             for module in stage.modules():
                 if isinstance(module, nn.BatchNorm2d):  # the reference keeps every BatchNorm frozen
                     module.requires_grad_(False)
-        # autograd from the first trained stage on; the stages before it never need a graph
-        first = min((STAGES.index(n) for n in self.train_layers), default=len(STAGES))
+        if adapter not in ("none", "dr"):
+            raise ValueError(f"model.adapter: {adapter!r} is not one of none, dr")
+        self.adapters = nn.ModuleDict(
+            {n: DRAdapter(stage_channels(getattr(self, n))) for n in ADAPTED_STAGES} if adapter == "dr" else {})
+        # autograd from the first trained stage on (or the stage after the first adapter: its gradient flows
+        # back through the frozen stages); the stages before it never need a graph
+        first = min([STAGES.index(n) for n in self.train_layers]
+                    + [STAGES.index(n) + 1 for n in self.adapters], default=len(STAGES))
         self._graph_stages = set(STAGES[first:])
 
     def _run(self, name: str, x: Tensor) -> Tensor:
         """One stage, with autograd only where a trained stage needs it."""
         if name in self._graph_stages and torch.is_grad_enabled():
-            return getattr(self, name)(x)
-        with torch.no_grad():
-            return getattr(self, name)(x)
+            x = getattr(self, name)(x)
+        else:
+            with torch.no_grad():
+                x = getattr(self, name)(x)
+        return self.adapters[name](x) if name in self.adapters else x
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         """Set the mode; BatchNorm stays in eval mode when ``freeze_bn_stats``."""
@@ -111,7 +123,7 @@ class FrozenBackbone(nn.Module):
 
 
 def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_stats: bool = False,
-                   train_layers: tuple[str, ...] = ()) -> FrozenBackbone:
+                   train_layers: tuple[str, ...] = (), adapter: str = "none") -> FrozenBackbone:
     """The feature extractor F.
 
     Args:
@@ -121,6 +133,7 @@ def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_s
         deep_stem: ResNet with the PSPNet deep stem (the weights file must have ``conv1..conv3, bn1..bn3``).
         freeze_bn_stats: BatchNorm always in eval mode.
         train_layers: stages whose convolutions train (``model.train_layers``); none by default.
+        adapter: ``dr`` = DR-Adapters after the first three stages (``model.adapter``).
     """
     arch_info(name, "model.backbone")
     if deep_stem and name not in ("resnet50", "resnet101"):
@@ -141,7 +154,7 @@ def build_backbone(name: str, weights: str, deep_stem: bool = False, freeze_bn_s
                 if name.startswith("resnet") and "conv1.weight" in str(err):
                     raise ValueError(f"{err}. Is model.deep_stem={deep_stem} right for this file?") from err
                 raise
-    return FrozenBackbone(name, _stages(net, name, deep_stem), freeze_bn_stats, tuple(train_layers))
+    return FrozenBackbone(name, _stages(net, name, deep_stem), freeze_bn_stats, tuple(train_layers), adapter)
 
 
 def resolve_prior_arch(path: str, arch: str = "auto") -> str:

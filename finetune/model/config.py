@@ -17,7 +17,8 @@ from common.config import field
 class ModelConfig:
     method: str = field(
         "qgnet", help="the registered few-shot method (finetune.methods): qgnet | pfenet (qgnet without the prior) "
-                      "| prototype (training-free masked-average prototypes) | ssp (self-support prototypes)")
+                      "| prototype (training-free masked-average prototypes) | ssp (self-support prototypes) "
+                      "| qsm (query self-similarity prototyping)")
     backbone: Literal["resnet50", "resnet101", "mobilenet_v2"] = field(
         "resnet50", help="frozen feature extractor F (bridge and support features), dilated to output stride 8")
     backbone_weights: str = field(
@@ -68,6 +69,12 @@ class ModelConfig:
     train_layers: list[str] = field(
         [], help="ssp: backbone stages whose convolutions train (the reference: [layer2, layer3]); BatchNorm stays "
                  "frozen; [] = the training-free variant")
+    adapter: Literal["none", "dr"] = field(
+        "none", help="dr = DR-Adapters (domain-rectifying, CVPR 2024) after the backbone's first three stages: "
+                     "trained, with style perturbation and a cyclic statistics loss (ssp, qsm, qgnet, pfenet)")
+    init_from: str = field(
+        "", help="start training from a run folder's best (else last) weights or a weights file; keys the file "
+                 "lacks (e.g. adapters, QSM's modules) keep their initialisation, keys it has must fit")
     ssp_refine: bool = field(True, help="ssp: the second self-support round (the reference's refine=True)")
     prototype_layer: Literal["layer2", "layer3", "layer4", "layer3+layer4"] = field(
         "layer3", help="prototype: the frozen backbone tap the prototypes are pooled on (all at output stride 8)")
@@ -96,5 +103,9 @@ class ModelConfig:
                              f"model.method is {self.method!r}")
         if self.reduce_dim <= 0 or self.sim_chunk < 0 or self.aux_weight < 0:
             raise ValueError("model.reduce_dim must be > 0, model.sim_chunk and model.aux_weight >= 0")
+        if self.adapter != "none" and self.method == "prototype":
+            raise ValueError("model.adapter trains DR-Adapters, but model.method=prototype is training-free")
+        if self.train_layers and self.method not in ("ssp", "qsm"):
+            raise ValueError(f"model.train_layers is an ssp / qsm option; model.method is {self.method!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
