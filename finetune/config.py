@@ -23,7 +23,11 @@ class OptimConfig:
         "sgd", help="sgd: the reference optimiser; adamw: for short CPU runs, where the reference SGD schedule "
                     "sits at chance for the first few hundred steps (the PFENet head has no BatchNorm)")
     lr: float = field(0.025, help="effective learning rate: the reference code's 0.0025 times its scale_lr=10 quirk")
+    schedule: Literal["poly", "step"] = field(
+        "poly", help="poly: PFENet's per-iteration decay; step: lr / 10 at each of optim.milestones (SSP's schedule)")
     power: float = field(0.9, help="poly decay lr * (1 - it / max_it) ** power, per iteration")
+    milestones: list[float] = field(
+        [1 / 3, 2 / 3], help="step schedule: fractions of the run's steps at which the lr is divided by 10")
     momentum: float = field(0.9, help="SGD momentum (ignored by adamw)")
     weight_decay: float = field(1e-4, help="weight decay (SGD's L2 term; AdamW's decoupled decay)")
 

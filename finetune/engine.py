@@ -49,8 +49,19 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / max(total, 1)) ** power
 
 
+def step_lr(base: float, step: int, total: int, milestones: list[float]) -> float:
+    """``base / 10 ** (number of milestones passed)``; milestones are fractions of ``total`` steps."""
+    return base * 0.1 ** sum(step >= m * total for m in milestones)
+
+
+def schedule_lr(cfg: FinetuneConfig, step: int, total: int) -> float:
+    """The learning rate of ``step`` under ``optim.schedule``."""
+    o = cfg.optim
+    return poly_lr(o.lr, step, total, o.power) if o.schedule == "poly" else step_lr(o.lr, step, total, o.milestones)
+
+
 def make_optimizer(cfg: FinetuneConfig, model: FewShotMethod) -> torch.optim.Optimizer:
-    """The ``optim.*`` optimiser over the method's trainable parameters (lr then set per step by :func:`poly_lr`)."""
+    """The ``optim.*`` optimiser over the method's trainable parameters (lr then set per step by :func:`schedule_lr`)."""
     params, o = model.trainable_parameters(), cfg.optim
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
@@ -123,7 +134,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
         for batch in skip_first_batches(loader, offset) if offset else loader:
             skipped += batch["skipped"]
             seen += batch["size"] + len(batch["skipped"])
-            lr = poly_lr(cfg.optim.lr, step, total_steps, cfg.optim.power)
+            lr = schedule_lr(cfg, step, total_steps)
             set_lr(optimizer, lr)
             loss, parts = torch.zeros(()), {}
             if batch["size"]:  # every episode of the batch skipped: nothing to learn from, the step still counts
@@ -142,7 +153,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
                 scalars = {"loss/total": loss.item(), **{f"loss/{k}": v.item() for k, v in parts.items()},
                            "lr": lr, "time/s_per_step": log.seconds_since_last() / tc.log_every,
                            "data/skipped_episodes": len(skipped)}
-                log.write(step, scalars, {"epoch": epoch}, {"loss": f"{loss.item():.3f}", "lr": f"{lr:.4f}"})
+                log.write(step, scalars, {"epoch": epoch}, {"loss": f"{loss.item():.3f}", "lr": f"{lr:.3g}"})
             epoch_done = step % steps_per_epoch == 0
             if val_set is not None and tc.val_every and epoch_done and (step // steps_per_epoch) % tc.val_every == 0:
                 validate()

@@ -159,3 +159,10 @@ def test_trained_ssp_runs_through_the_entry_point(tmp_path):
                             "train.max_steps=2", "train.val_every=1", "train.episodes_per_epoch=4"))
     assert results["method"] == "ssp" and (tmp_path / "run" / "best_model.safetensors").is_file()
     assert set(results["per_seed"][0]["recall"]) == {"similarity", "self_support"}
+
+
+def test_step_schedule_divides_by_ten_at_the_milestones():
+    from finetune.engine import step_lr
+
+    lrs = [step_lr(1e-3, s, 9, [1 / 3, 2 / 3]) for s in range(9)]
+    assert lrs == pytest.approx([1e-3] * 3 + [1e-4] * 3 + [1e-5] * 3)
