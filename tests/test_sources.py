@@ -118,3 +118,24 @@ def test_a_training_only_source_has_no_test_split(two_sets):
              f"{{name: b, benchmark: fss1000, root: {b}, fss_classes: {{train: [fox], test: [elk]}}}}]")
     splits = build_splits(load_config(DataConfig, None, [f"sources={value}"]), need_val=False)
     assert set(splits.test) == {"b"} and len(splits.train.class_ids) == 3
+
+
+def test_a_test_only_source_gives_no_training_or_validation_class(two_sets):
+    a, b = two_sets
+    value = (f"[{{name: a, benchmark: fss1000, root: {a}, fss_classes: {{train: [ant, bee], test: [cup]}}}}, "
+             f"{{name: b, benchmark: fss1000, root: {b}, fss_classes: {{train: [fox, owl], test: [elk]}}, "
+             f"train: false}}]")
+    splits = build_splits(load_config(DataConfig, None, [f"sources={value}", "val_classes=[bee]"]))
+    def names(bench):
+        return {bench.class_names[c] for c in bench.class_ids}
+
+    assert names(splits.train) == {"a:ant"} and names(splits.val) == {"a:bee"}
+    assert set(splits.test) == {"a", "b"}  # b still gives test episodes
+
+
+def test_every_source_test_only_is_a_config_error(two_sets):
+    a, b = two_sets
+    value = (f"[{{name: a, benchmark: fss1000, root: {a}, train: false}}, "
+             f"{{name: b, benchmark: fss1000, root: {b}, train: false}}]")
+    with pytest.raises(ConfigError, match="every source has train: false"):
+        build_splits(load_config(DataConfig, None, [f"sources={value}"]))

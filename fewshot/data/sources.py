@@ -11,8 +11,8 @@ them across all sources.
   ``sha1(f"{val_seed}:{name}")``, so a class held out for validation is held out everywhere. Without either,
   split ``val`` is each benchmark's own (PASCAL / COCO: held-out images of the training classes).
 * **Several sources** (``data.sources``: a list of ``data.*`` overrides, each with a ``name`` and an optional
-  ``weight`` and ``test: false``): every source is a benchmark of its own; :class:`MultiSource` joins them with
-  keys ``<source>::<key>`` and class ids ``1000 * (i + 1) + id``. An episode always stays within one source
+  ``weight``, ``train: false`` (a test-only source) and ``test: false`` (a training-only source)): every source
+  is a benchmark of its own; :class:`MultiSource` joins them with keys ``<source>::<key>`` and class ids ``1000 * (i + 1) + id``. An episode always stays within one source
   (its class belongs to one source); training episodes are drawn per source by ``weight`` (0 = in proportion
   to the source's (image, class) pairs).
 * **Seen-class evaluation**: when a source's ``data.fold`` is ``all``, its test classes are its training
@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.config import build, deep_merge, to_dict
+from common.config import ConfigError, build, deep_merge, to_dict
 from common.errors import DataError
 from fewshot.data.base import EpisodeSpec, FewShotBenchmark, Sample
 from fewshot.data.config import DataConfig
@@ -35,7 +35,7 @@ from fewshot.data.episodes import QueryOrder, make_episodes
 from fewshot.data.registry import build_benchmark
 
 SPLITS = ("train", "val", "test")
-SOURCE_KEYS = ("name", "weight", "test")  # per-source keys that are not data.* keys
+SOURCE_KEYS = ("name", "weight", "train", "test")  # per-source keys that are not data.* keys
 KEY_SEP = "::"
 ID_STRIDE = 1000
 
@@ -52,12 +52,13 @@ def rank_by_hash(names: list[str], seed: int) -> list[str]:
 
 @dataclass
 class Source:
-    """One dataset of a run: its resolved ``data.*`` config, sampling weight, and whether it is tested on."""
+    """One dataset of a run: its resolved ``data.*`` config, sampling weight, and whether it is trained / tested on."""
 
     name: str
     cfg: DataConfig
     weight: float = 0.0
     test: bool = True
+    train: bool = True
 
 
 def source_configs(cfg: DataConfig) -> list[Source]:
@@ -73,7 +74,12 @@ def source_configs(cfg: DataConfig) -> list[Source]:
     for i, entry in enumerate(cfg.sources):
         own = {k: v for k, v in entry.items() if k not in SOURCE_KEYS}
         sub = build(DataConfig, deep_merge(base, own), source=f"data.sources[{i}] ({entry.get('name')})")
-        out.append(Source(str(entry["name"]), sub, float(entry.get("weight", 0.0)), bool(entry.get("test", True))))
+        out.append(Source(str(entry["name"]), sub, float(entry.get("weight", 0.0)), bool(entry.get("test", True)),
+                          bool(entry.get("train", True))))
+    if cfg.sources and not any(s.train for s in out):
+        raise ConfigError("data.sources: every source has train: false; at least one must give training episodes")
+    if cfg.sources and not any(s.test for s in out):
+        raise ConfigError("data.sources: every source has test: false; at least one must give test episodes")
     return out
 
 
@@ -225,13 +231,16 @@ def build_splits(cfg: DataConfig, need_train: bool = True, need_val: bool = True
     sources = source_configs(cfg)
     built: dict[str, dict[str, FewShotBenchmark | None]] = {}
     for src in sources:
-        built[src.name] = {"train": build_benchmark(src.cfg, "train") if need_train else None,
+        built[src.name] = {"train": build_benchmark(src.cfg, "train") if need_train and src.train else None,
                            "val": None, "test": build_benchmark(src.cfg, "test") if src.test else None}
     held = set()
     if need_train:
-        held = _held_out_names(sorted({n for p in built.values() for n in _names(p["train"])}), cfg)
+        held = _held_out_names(sorted({n for p in built.values() if p["train"] is not None
+                                       for n in _names(p["train"])}), cfg)
     for src in sources:
         parts = built[src.name]
+        if parts["train"] is None:  # a test-only source (train: false), or no training at all
+            continue
         if held:
             names = _names(parts["train"])
             val_ids = [c for n, c in names.items() if n in held]
