@@ -2,8 +2,9 @@
 
     python -m fewshot.report runs/finetune/*/eval/*/results.json [--out table.md] [--by fold|benchmark]
 
-A table has one row per (method, shot) and one column per fold (or benchmark), plus their mean, so a learned
-method and the training-free ``prototype`` baseline evaluated on the same episodes sit side by side.
+A table has one row per (label, shot) and one column per fold (or benchmark), plus their mean, so a learned
+method and the training-free ``prototype`` baseline evaluated on the same episodes sit side by side. A row's
+label is the results' ``label`` (``eval.label``, e.g. two qgnet variants) or else their method.
 """
 
 from __future__ import annotations
@@ -62,14 +63,19 @@ def fmt(mean: float, std: float, n: int) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
+def row_label(results: dict[str, Any]) -> str:
+    """The name of a results' table row: its ``label``, else its method (files from before labels: qgnet)."""
+    return results.get("label") or results.get("method", "qgnet")
+
+
 def results_table(results: list[dict[str, Any]], by: str = "fold") -> str:
-    """Rows per (method, shot), one column per fold (or benchmark), then their mean; cells mIoU / FB-IoU in %."""
+    """Rows per (label, shot), one column per fold (or benchmark), then their mean; cells mIoU / FB-IoU in %."""
     keys = sorted({str(r[by]) for r in results})
-    methods = list(dict.fromkeys(r.get("method", "qgnet") for r in results))
+    methods = list(dict.fromkeys(row_label(r) for r in results))
     lines = []
     for method in methods:
         for shot in sorted({r["shot"] for r in results}):
-            rows = {str(r[by]): r for r in results if r["shot"] == shot and r.get("method", "qgnet") == method}
+            rows = {str(r[by]): r for r in results if r["shot"] == shot and row_label(r) == method}
             if not rows:
                 continue
             cells, mious, fbious = [], [], []

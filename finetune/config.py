@@ -101,6 +101,8 @@ class EvalConfig:
     episodes_file: str = field("", help="evaluate exactly the episodes of this saved list (an episodes_*.json "
                                         "written next to earlier results) instead of drawing them")
     out_dir: str = field("", help="where results go (default: <run dir>/eval)")
+    label: str = field("", help="the row name of these results in tables (default: model.method), e.g. to tell two "
+                                "qgnet variants apart in `python -m fewshot.report`")
     # --- FS-CS (issue 14, fewshot/fscs.py) ---
     task: Literal["fss", "fscs"] = field(
         "fss", help="fss: few-shot segmentation (1 way, the class is in the query); fscs: iFSL few-shot "

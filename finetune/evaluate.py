@@ -112,8 +112,8 @@ def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShot
     spec = eval_spec(cfg)
     episodes = load_episodes(cfg.eval.episodes_file) if cfg.eval.episodes_file else None
     name = source if cfg.data.sources else cfg.data.benchmark
-    meta = {"method": cfg.model.method, "benchmark": name, "fold": str(cfg.data.fold), "checkpoint": checkpoint,
-            **({"episodes_file": cfg.eval.episodes_file} if episodes else {})}
+    meta = {"method": cfg.model.method, "label": cfg.eval.label or cfg.model.method, "benchmark": name,
+            "fold": str(cfg.data.fold), "checkpoint": checkpoint, **({"episodes_file": cfg.eval.episodes_file} if episodes else {})}
     results = evaluate_seeds(model, benchmark, spec, list(cfg.eval.seeds), accelerator, out_dir, meta,
                              cfg.eval.vis_episodes, cfg.eval.recall_thresholds, episodes)
     n = len(results["seeds"])
@@ -154,7 +154,8 @@ def evaluate_all(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMe
     for name in cfg.eval.compare_with:
         if name == cfg.model.method:
             continue
-        base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, method=name))
+        base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, method=name),
+                                       eval=dataclasses.replace(cfg.eval, label=""))
         with torch.random.fork_rng(devices=[]):  # a random-init backbone (quick-start) must not depend on what
             torch.manual_seed(cfg.train.seed)     # ran before: the baseline is a function of the config alone
             baseline = build_method(base_cfg.model)
