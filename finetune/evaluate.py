@@ -154,8 +154,9 @@ def evaluate_all(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMe
     for name in cfg.eval.compare_with:
         if name == cfg.model.method:
             continue
-        base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, method=name),
-                                       eval=dataclasses.replace(cfg.eval, label=""))
+        # the baseline's training-free variant on the same backbone: nothing of the method's training carries over
+        base_model = dataclasses.replace(cfg.model, method=name, train_layers=[], adapter="none", init_from="")
+        base_cfg = dataclasses.replace(cfg, model=base_model, eval=dataclasses.replace(cfg.eval, label=""))
         with torch.random.fork_rng(devices=[]):  # a random-init backbone (quick-start) must not depend on what
             torch.manual_seed(cfg.train.seed)     # ran before: the baseline is a function of the config alone
             baseline = build_method(base_cfg.model)
