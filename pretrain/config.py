@@ -17,7 +17,9 @@ class DataConfig:
         "builtin", help="builtin: scikit-image's sample photos (no download); folder: every image under root; "
                         "voc: root/JPEGImages filtered by list_file; coco: root/train2014 (or train2017)")
     root: str = field("", help="dataset root (ignored for builtin)")
-    list_file: str = field("", help="voc: image ids to use (default: the PFENet train list shipped with the project)")
+    list_file: str = field("", help="voc: image ids to use (default: the PFENet train list shipped with the project); "
+                                    "folder: image paths relative to root, one per line (default: every image "
+                                    "under root), e.g. from `python -m finetune.list_images`")
     num_workers: int = field(2, help="data-loader worker processes per rank")
     min_image_side: int = field(64, help="images whose short side is smaller are bad input")
     on_bad_image: Literal["error", "skip"] = field(

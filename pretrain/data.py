@@ -54,7 +54,16 @@ def source_images(cfg: PretrainConfig, out_dir: Path) -> list[Path]:
     root = Path(data.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist or is not a folder")
-    if data.source == "folder":
+    if data.source == "folder" and data.list_file:  # e.g. the training images of stage 2's sources
+        list_file = Path(data.list_file)
+        if not list_file.is_file():
+            raise FileNotFoundError(f"data.list_file {list_file} not found")
+        paths = [root / line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.list_file {list_file}: {len(missing)} listed image(s) missing, first "
+                                    f"{missing[0]}")
+    elif data.source == "folder":
         paths = list_images(root)
     elif data.source == "voc":
         list_file = Path(data.list_file) if data.list_file else PASCAL_TRAIN_LIST  # train images only

@@ -82,3 +82,32 @@ def test_samples_depend_only_on_seed_epoch_index(tmp_path, mode):
         assert first["labels_q"].shape == (32, 32) and first["labels_q"].dtype == torch.int64
     else:
         assert first["patch_q"].shape == (3, 32, 32)
+
+
+def test_folder_list_file_reads_exactly_the_listed_images(tmp_path):
+    for name in ("a.png", "b.png", "sub/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        photo(tmp_path / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text("sub/c.png\na.png\n\n")
+    assert source_images(cfg_for(tmp_path, f"data.list_file={listing}"), tmp_path) == [tmp_path / "sub/c.png",
+                                                                                      tmp_path / "a.png"]
+    listing.write_text("a.png\ngone.png\n")
+    with pytest.raises(FileNotFoundError, match="1 listed image.*gone.png"):
+        source_images(cfg_for(tmp_path, f"data.list_file={listing}"), tmp_path)
+
+
+def test_stage_two_training_images_list_for_stage_one(tmp_path):
+    """finetune.list_images writes the training split's images (no test class image) in the list layout."""
+    from finetune.list_images import main
+
+    data = ["data.benchmark=synthetic", f"data.root={tmp_path / 'data'}", "data.synthetic_per_class=3",
+            "data.synthetic_size=48"]
+    config = Path(__file__).parents[1] / "configs" / "finetune" / "quickstart_cpu.yaml"
+    paths = main(["--config", str(config), "--out", str(tmp_path / "train.txt"), "--root", str(tmp_path), *data])
+    listed = (tmp_path / "train.txt").read_text().splitlines()
+    assert len(listed) == len(paths) > 0 and all(not line.startswith("/") for line in listed)
+    test = main(["--config", str(config), "--out", str(tmp_path / "test.txt"), "--split", "test", *data])
+    assert not set(paths) & set(test)  # synthetic folds: train and test classes use different images
+    cfg = cfg_for(tmp_path, f"data.list_file={tmp_path / 'train.txt'}")
+    assert source_images(cfg, tmp_path) == [tmp_path / line for line in listed]
