@@ -83,9 +83,14 @@ def test_train_and_evaluate_end_to_end(prior, data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, tmp_path):
+@pytest.mark.parametrize("method", [
+    [],                                                                  # qgnet
+    ["model.method=ssp", "model.train_layers=[layer3]"],                 # trained backbone stage
+    ["model.method=qsm", "model.adapter=dr"],                            # DR-Adapters: random perturbations, EMA
+], ids=["qgnet", "ssp", "qsm"])
+def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, tmp_path, method):
     common = ["train.max_steps=8", "train.checkpoint_every=2", "train.deterministic=true", "train.val_every=0",
-              "train.keep_last=0", "eval.episodes=2"]
+              "train.keep_last=0", "eval.episodes=2", *method]
     launch(overrides(prior, data_root, tmp_path / "a", *common))
     killed = launch(overrides(prior, data_root, tmp_path / "b", *common), wait=False)
     kill_after_checkpoint(killed, tmp_path / "b/run/checkpoints/latest", "step_0000002")

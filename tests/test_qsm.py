@@ -149,3 +149,16 @@ def test_init_from_refuses_a_file_of_another_network(tmp_path):
 def test_cosines_are_unchanged_by_a_uniform_gate():
     x, p = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 1, 1)
     torch.testing.assert_close(F.cosine_similarity(0.5 * x, p, dim=1), F.cosine_similarity(x, p, dim=1))
+
+
+def test_dr_adapter_on_the_pfenet_head_adds_its_cyclic_loss():
+    torch.manual_seed(0)
+    model = build_method(model_cfg("method=pfenet", "adapter=dr")).train()
+    g = torch.Generator().manual_seed(1)
+    query, supports = torch.randn(2, 3, 33, 33, generator=g), torch.randn(2, 1, 3, 33, 33, generator=g)
+    out = model(query, supports, torch.randint(0, 2, (2, 1, 33, 33), generator=g))
+    loss, parts = model.loss(out, torch.randint(0, 2, (2, 33, 33), generator=g))
+    assert set(parts) == {"main", "aux", "cyclic"}
+    assert loss.item() == pytest.approx((parts["main"] + parts["aux"] + 2 * parts["cyclic"]).item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.backbone.adapters.parameters())

@@ -159,6 +159,7 @@ def test_trained_ssp_runs_through_the_entry_point(tmp_path):
                             "train.max_steps=2", "train.val_every=1", "train.episodes_per_epoch=4"))
     assert results["method"] == "ssp" and (tmp_path / "run" / "best_model.safetensors").is_file()
     assert set(results["per_seed"][0]["recall"]) == {"similarity", "self_support"}
+    assert list((tmp_path / "run" / "eval").glob("grid_*.png"))  # PNG grids with the self-support map
 
 
 def test_step_schedule_divides_by_ten_at_the_milestones():
