@@ -186,3 +186,51 @@ def test_fold_script_trains_each_fold_and_tables_them(prior, data_root, tmp_path
     table = (tmp_path / "quickstart_cpu_1shot_folds.md").read_text().splitlines()
     assert table[0] == "| method | shot | fold 0 | fold 1 | mean |" and table[2].startswith("| qgnet | 1-shot | ")
     assert table[3].startswith("| prototype | 1-shot | ")  # the training-free baseline, same episodes
+
+
+class Constant(torch.nn.Module):
+    """The trivial answers: every pixel foreground (``fg=True``) or every pixel background."""
+
+    def __init__(self, fg: bool) -> None:
+        super().__init__()
+        self.fg = fg
+
+    def forward(self, query, supports, support_masks):
+        from fewshot.segmenter import SegmenterOutput
+
+        logits = torch.zeros(query.shape[0], 2, *query.shape[-2:])
+        logits[:, int(self.fg)] = 1.0
+        return SegmenterOutput(logits=logits)
+
+
+def trivial_scores(config: Path, overrides: list[str], seeds: list[int]) -> dict[bool, dict[str, float]]:
+    """mIoU / FB-IoU of all-foreground (True) and all-background (False) on a config's test episodes."""
+    from accelerate import Accelerator
+
+    from common.config import load_config
+    from fewshot.evaluate import evaluate
+    from finetune.config import FinetuneConfig, eval_spec
+    from finetune.evaluate import eval_benchmarks
+
+    cfg = load_config(FinetuneConfig, config, overrides)
+    bench = next(iter(eval_benchmarks(cfg).values()))
+    accelerator = Accelerator(cpu=True)
+    out = {}
+    for fg in (True, False):
+        meters = [evaluate(Constant(fg), bench, eval_spec(cfg), s, accelerator)["meter"] for s in seeds]
+        out[fg] = {k: sum(m[k] for m in meters) / len(meters) for k in ("miou", "fbiou")}
+    return out
+
+
+@pytest.mark.slow
+def test_quickstart_beats_the_trivial_answers(prior, tmp_path):
+    """The shipped quick-start (generated shapes, random MobileNetV2, a few CPU minutes) must beat predicting all
+    background and all foreground on its test episodes, in mIoU and in FB-IoU."""
+    config = REPO / "configs/finetune/quickstart_cpu.yaml"
+    data = [f"data.root={tmp_path / 'data'}", "data.num_workers=0", "eval.num_workers=0"]
+    launch(["--config", str(config), *data, f"model.prior={prior}", f"train.out_dir={tmp_path}",
+            "train.run_name=qs", "eval.vis_episodes=0"])
+    results = json.loads((tmp_path / "qs/eval/results.json").read_text())
+    trivial = trivial_scores(config, data, results["seeds"])
+    assert results["miou_mean"] > trivial[True]["miou"] + 0.02, (results["miou_mean"], trivial)
+    assert results["fbiou_mean"] > max(t["fbiou"] for t in trivial.values()), (results["fbiou_mean"], trivial)
