@@ -234,3 +234,29 @@ def test_quickstart_beats_the_trivial_answers(prior, tmp_path):
     trivial = trivial_scores(config, data, results["seeds"])
     assert results["miou_mean"] > trivial[True]["miou"] + 0.02, (results["miou_mean"], trivial)
     assert results["fbiou_mean"] > max(t["fbiou"] for t in trivial.values()), (results["fbiou_mean"], trivial)
+
+
+@pytest.mark.slow
+def test_compare_script_tables_runs_and_baselines_on_the_same_episodes(shared_data, tmp_path):
+    """launch/compare_methods.sh: two trained runs under their labels and the baseline, on the run's held-out
+    classes and on a real cross-domain target, two tables."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_methods import tiny
+
+    from finetune.run import main as run_main
+
+    for name, extra in (("a", []), ("b", ["model.method=ssp", "model.train_layers=[layer3]"])):
+        run_main(tiny(tmp_path / "data", tmp_path, "train.max_steps=1", "train.val_every=0", "eval.episodes=2",
+                      f"train.run_name={name}", "model.prior=none", *extra))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CD_ROOT": str(shared_data / "cdfss-samples"),
+           "CD_TARGETS": "chest_xray", "CD_EPISODES": "2", "CD_SEEDS": "[0]", "BASELINES": "[prototype]"}
+    proc = subprocess.run(["bash", str(REPO / "launch/compare_methods.sh"), str(tmp_path / "cmp"),
+                           f"{tmp_path / 'a'}=pfenet-like", f"{tmp_path / 'b'}=ssp-trained", "--",
+                           "eval.num_workers=0", "eval.vis_episodes=0"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    held = (tmp_path / "cmp/table_heldout.md").read_text().splitlines()
+    cross = (tmp_path / "cmp/table_cross_domain.md").read_text().splitlines()
+    for table, column in ((held, "synthetic"), (cross, "chest_xray")):
+        assert table[0] == f"| method | shot | benchmark {column} | mean |"
+        assert [row.split(" | ")[0] for row in table[2:5]] == ["| pfenet-like", "| ssp-trained", "| prototype"]
