@@ -143,7 +143,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
                     loss, parts = fscs_train_step(model, batch, tc.labels)
                 else:
                     out = model(batch["query"], batch["supports"], batch["support_masks"])
-                    loss, parts = core.loss(out, batch["query_mask"])
+                    loss, parts = core.loss(out, batch["query_mask"], batch["class_id"])
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()

@@ -63,7 +63,8 @@ def init_weights(model: FewShotMethod, weights: Path) -> list[str]:
     state = load_state_dict_file(weights)
     own = model.state_dict()
     extra = sorted(set(state) - set(own))
-    bad = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    # extra state (e.g. NTRENet's prototype bank) is variable-sized by design; its own loader checks it
+    bad = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape and not k.endswith("_extra_state"))
     if extra or bad:
         raise WeightsError(f"model.init_from={weights} does not fit model.* of the config: keys the model lacks "
                            f"{extra[:5]}, wrong shapes {bad[:5]}")

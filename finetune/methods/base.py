@@ -10,7 +10,7 @@ A method is an ``nn.Module`` built from the ``model.*`` config by a function reg
 ``decode(encode_query(query), encode_supports(supports, support_masks))``: the supports' state does not depend
 on the query, so ``finetune.predict`` encodes them once and decodes any number of queries against a batch-1
 state;
-``loss(out, target [B,S,S]) -> (scalar, {name: detached part})``; ``trainable_parameters()`` is what the
+``loss(out, target [B,S,S], classes [B]) -> (scalar, {name: detached part})``; ``trainable_parameters()`` is what the
 optimiser gets; a method with none is training-free and is evaluated without a training run.
 """
 
@@ -46,8 +46,10 @@ class FewShotMethod(nn.Module):
         """The episodes' output; a support state of batch 1 serves a query state of any batch."""
         raise NotImplementedError
 
-    def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Training loss of ``out`` against ``target [B,S,S]`` (0 / 1 / 255 = ignore)."""
+    def loss(self, out: SegmenterOutput, target: Tensor,
+             classes: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training loss of ``out`` against ``target [B,S,S]`` (0 / 1 / 255 = ignore); ``classes [B]`` are the
+        episodes' class ids, for methods that keep per-class state (NTRENet's prototype bank)."""
         raise NotImplementedError(f"{type(self).__name__} is training-free: it has no loss")
 
     def add_adapter_loss(self, total: Tensor, parts: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

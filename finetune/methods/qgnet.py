@@ -75,7 +75,8 @@ EXTRA_MAPS = {"prototype": ("prototype",), "ssp": ("ssp_fg", "ssp_bg")}
 RESIDUALS = ("none", "prototype", "ssp")
 
 
-def _reduce(cin: int, cout: int, dropout: float) -> nn.Sequential:
+def reduction(cin: int, cout: int, dropout: float) -> nn.Sequential:
+    """PFENet's 1x1 bridge reduction: conv (no bias) + ReLU + Dropout2d."""
     return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
 
 
@@ -120,8 +121,8 @@ class QGNet(FewShotMethod):
         bridge_in = backbone.layer2_channels + backbone.layer3_channels
         # with head_inputs=maps nothing reads the bridge or the guider: they are not built (DDP rejects unused weights)
         features = head_inputs == "features"
-        self.down_query = _reduce(bridge_in, reduce_dim, dropout) if features else None
-        self.down_supp = _reduce(bridge_in, reduce_dim, dropout) if features else None
+        self.down_query = reduction(bridge_in, reduce_dim, dropout) if features else None
+        self.down_supp = reduction(bridge_in, reduce_dim, dropout) if features else None
         self.down_learn_super: nn.Module | None = None
         self.down_learn_unsuper: nn.Module | None = None
         if prior is not None and paper_literal and prior.layer4_channels != backbone.layer4_channels:
@@ -137,7 +138,8 @@ class QGNet(FewShotMethod):
             nn.init.zeros_(self.fem.cls[-1].weight)
             nn.init.zeros_(self.fem.cls[-1].bias)
 
-    def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, out: SegmenterOutput, target: Tensor,
+             classes: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`qgnet_loss` with ``model.aux_weight``."""
         return self.add_adapter_loss(*qgnet_loss(out, target, self.aux_weight, balanced=self.balanced_loss))
 
@@ -150,7 +152,7 @@ class QGNet(FewShotMethod):
             support_masks: ``[B,K,H,W]`` with values {0, 1, 255}; foreground is ``== 1`` (255 counts as
                 background, as in the reference).
         """
-        _check_inputs(query, supports, support_masks)
+        check_episode_shapes(query, supports, support_masks)
         # this order (query trunk + bridge, then the shots, then the decoder) keeps the reference's order of
         # BatchNorm updates and dropout draws, so training is the same as an unsplit forward
         encoded = self.encode_query(query)
@@ -219,7 +221,7 @@ class QGNet(FewShotMethod):
         return self.residual != "none" or bool(self.extra_maps)
 
 
-def _check_inputs(query: Tensor, supports: Tensor, support_masks: Tensor) -> int:
+def check_episode_shapes(query: Tensor, supports: Tensor, support_masks: Tensor) -> int:
     """Validate episode shapes; returns the number of shots."""
     if query.dim() != 4 or query.shape[1] != 3:
         raise ValueError(f"query must be [B,3,H,W], got {tuple(query.shape)}")

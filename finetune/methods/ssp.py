@@ -163,7 +163,8 @@ class SSP(FewShotMethod):
             out.loss_inputs = {"query_features": fq, **{k: supports[k] for k in ("support_logits", "support_masks")}}
         return out
 
-    def loss(self, out: SegmenterOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, out: SegmenterOutput, target: Tensor,
+             classes: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``CE(out) + CE(out1) + CE(query self-matching) + 0.2 CE(support self-matching)`` (+ 2 * the
         DR-Adapters' cyclic loss with ``model.adapter=dr``)."""
         return self.add_adapter_loss(*ssp_loss(out, target))

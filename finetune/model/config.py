@@ -18,7 +18,7 @@ class ModelConfig:
     method: str = field(
         "qgnet", help="the registered few-shot method (finetune.methods): qgnet | pfenet (qgnet without the prior) "
                       "| prototype (training-free masked-average prototypes) | ssp (self-support prototypes) "
-                      "| qsm (query self-similarity prototyping)")
+                      "| qsm (query self-similarity prototyping) | ntrenet (non-target region eliminating)")
     backbone: Literal["resnet50", "resnet101", "mobilenet_v2"] = field(
         "resnet50", help="frozen feature extractor F (bridge and support features), dilated to output stride 8")
     backbone_weights: str = field(
@@ -69,6 +69,9 @@ class ModelConfig:
     train_layers: list[str] = field(
         [], help="ssp: backbone stages whose convolutions train (the reference: [layer2, layer3]); BatchNorm stays "
                  "frozen; [] = the training-free variant")
+    ntre_modules: list[str] = field(
+        ["bgem", "doem", "pcl"], help="ntrenet: the modules on (the paper's ablation): bgem (background elimination), "
+                                      "doem (distracting-object elimination), pcl (prototypical contrastive loss)")
     adapter: Literal["none", "dr"] = field(
         "none", help="dr = DR-Adapters (domain-rectifying, CVPR 2024) after the backbone's first three stages: "
                      "trained, with style perturbation and a cyclic statistics loss (ssp, qsm, qgnet, pfenet)")

@@ -21,12 +21,14 @@ def resolve_bins(bins: list[float], size: int) -> list[int]:
     return out
 
 
-def _conv_relu(cin: int, cout: int, k: int) -> list[nn.Module]:
+def conv_relu(cin: int, cout: int, k: int) -> list[nn.Module]:
+    """``k x k`` convolution (no bias, same size) + ReLU, as a list to splice into an ``nn.Sequential``."""
     return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.ReLU(inplace=True)]
 
 
-def _classifier(dim: int, classes: int) -> nn.Sequential:
-    return nn.Sequential(*_conv_relu(dim, dim, 3), nn.Dropout2d(0.1), nn.Conv2d(dim, classes, 1))
+def classifier_head(dim: int, classes: int) -> nn.Sequential:
+    """PFENet's classifier: 3x3 conv + ReLU + Dropout2d(0.1) + 1x1 conv to ``classes``."""
+    return nn.Sequential(*conv_relu(dim, dim, 3), nn.Dropout2d(0.1), nn.Conv2d(dim, classes, 1))
 
 
 class FEM(nn.Module):
@@ -47,14 +49,14 @@ class FEM(nn.Module):
         self.bins, self.with_features = list(bins), with_features
         n = len(self.bins)
         cin = (2 * dim if with_features else 0) + num_maps
-        self.init_merge = nn.ModuleList(nn.Sequential(*_conv_relu(cin, dim, 1)) for _ in range(n))
-        self.alpha_conv = nn.ModuleList(nn.Sequential(*_conv_relu(2 * dim, dim, 1)) for _ in range(n - 1))
+        self.init_merge = nn.ModuleList(nn.Sequential(*conv_relu(cin, dim, 1)) for _ in range(n))
+        self.alpha_conv = nn.ModuleList(nn.Sequential(*conv_relu(2 * dim, dim, 1)) for _ in range(n - 1))
         self.beta_conv = nn.ModuleList(
-            nn.Sequential(*_conv_relu(dim, dim, 3), *_conv_relu(dim, dim, 3)) for _ in range(n))
-        self.inner_cls = nn.ModuleList(_classifier(dim, classes) for _ in range(n))
-        self.res1 = nn.Sequential(*_conv_relu(n * dim, dim, 1))
-        self.res2 = nn.Sequential(*_conv_relu(dim, dim, 3), *_conv_relu(dim, dim, 3))
-        self.cls = _classifier(dim, classes)
+            nn.Sequential(*conv_relu(dim, dim, 3), *conv_relu(dim, dim, 3)) for _ in range(n))
+        self.inner_cls = nn.ModuleList(classifier_head(dim, classes) for _ in range(n))
+        self.res1 = nn.Sequential(*conv_relu(n * dim, dim, 1))
+        self.res2 = nn.Sequential(*conv_relu(dim, dim, 3), *conv_relu(dim, dim, 3))
+        self.cls = classifier_head(dim, classes)
 
     def forward(self, query: Tensor | None, prototype: Tensor | None,
                 maps: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
