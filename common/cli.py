@@ -47,7 +47,7 @@ def parse_run_args(schema: type[T], argv: list[str] | None, prog: str, default_c
                              "is then no longer an exact continuation (each difference is warned about)")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit on both sides of --config
     if args.help_config:
         for key, tp, default, text in describe(schema):
             print(f"{key:<36} {tp:<22} {default!r:<18} {text}")

@@ -100,3 +100,14 @@ def test_trackers_are_a_config_choice_checked_before_the_run():
         assert load_config(schema, None, ["train.trackers=[]"]).train.trackers == []
         with pytest.raises(ConfigError, match="train.trackers: unknown tracker 'tensorbord'"):
             load_config(schema, None, ["train.trackers=[tensorbord]"])
+
+
+def test_overrides_may_come_before_and_after_the_config_file(tmp_path):
+    from common.cli import parse_run_args
+    from finetune.config import FinetuneConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text("shot: 1\n")
+    inv = parse_run_args(FinetuneConfig, ["eval.seeds=[0]", "--config", str(config), "model.method=pfenet"],
+                         prog="run", default_config=None)
+    assert inv.cfg.eval.seeds == [0] and inv.cfg.model.method == "pfenet"
