@@ -101,6 +101,10 @@ class EvalConfig:
     episodes_file: str = field("", help="evaluate exactly the episodes of this saved list (an episodes_*.json "
                                         "written next to earlier results) instead of drawing them")
     out_dir: str = field("", help="where results go (default: <run dir>/eval)")
+    support_tuning: int = field(
+        0, help="test-time support tuning: Adam steps per episode on the supports themselves (support-as-query), "
+                "trainable parameters only, restored after every episode; 0 = off (finetune/support_tuning.py)")
+    support_tuning_lr: float = field(1e-4, help="learning rate of eval.support_tuning")
     label: str = field("", help="the row name of these results in tables (default: model.method), e.g. to tell two "
                                 "qgnet variants apart in `python -m fewshot.report`")
     # --- FS-CS (issue 14, fewshot/fscs.py) ---
@@ -113,6 +117,10 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Reject values that cannot work (ValueError naming the key)."""
+        if self.support_tuning < 0 or self.support_tuning_lr <= 0:
+            raise ValueError("eval.support_tuning must be >= 0 steps and eval.support_tuning_lr > 0")
+        if self.support_tuning and self.task == "fscs":
+            raise ValueError("eval.support_tuning is an FS-S option (eval.task=fss); FS-CS episodes are not tuned")
         if self.way < 1 or (self.task == "fss" and self.way != 1):
             raise ValueError(f"eval.way={self.way} must be >= 1, and 1 unless eval.task=fscs")
         if self.episodes < 0 or self.shot < 0 or self.batch_size < 1 or self.num_workers < 0:

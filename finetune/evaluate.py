@@ -33,6 +33,7 @@ from fewshot.report import results_table
 from finetune.config import FinetuneConfig, eval_spec
 from finetune.engine import BEST, LAST
 from finetune.methods import FewShotMethod, build_method
+from finetune.support_tuning import SupportTuned
 
 
 def resolve_weights(source: str | Path) -> Path:
@@ -110,11 +111,15 @@ def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShot
                    out_dir: Path, checkpoint: str, weights: Path | None = None, source: str = "") -> dict:
     """Evaluate ``model`` (with ``weights`` loaded, if given) on ``benchmark`` with every seed; returns results."""
     model = prepare_evaluation(cfg, accelerator, model, out_dir, weights)
+    if cfg.eval.support_tuning:
+        model = SupportTuned(model, cfg.eval.support_tuning, cfg.eval.support_tuning_lr)
     spec = eval_spec(cfg)
     episodes = load_episodes(cfg.eval.episodes_file) if cfg.eval.episodes_file else None
     name = source if cfg.data.sources else cfg.data.benchmark
     meta = {"method": cfg.model.method, "label": cfg.eval.label or cfg.model.method, "benchmark": name,
-            "fold": str(cfg.data.fold), "checkpoint": checkpoint, **({"episodes_file": cfg.eval.episodes_file} if episodes else {})}
+            "fold": str(cfg.data.fold), "checkpoint": checkpoint,
+            **({"support_tuning": cfg.eval.support_tuning} if cfg.eval.support_tuning else {}),
+            **({"episodes_file": cfg.eval.episodes_file} if episodes else {})}
     results = evaluate_seeds(model, benchmark, spec, list(cfg.eval.seeds), accelerator, out_dir, meta,
                              cfg.eval.vis_episodes, cfg.eval.recall_thresholds, episodes)
     n = len(results["seeds"])
@@ -157,7 +162,8 @@ def evaluate_all(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMe
             continue
         # the baseline's training-free variant on the same backbone: nothing of the method's training carries over
         base_model = dataclasses.replace(cfg.model, method=name, train_layers=[], adapter="none", init_from="")
-        base_cfg = dataclasses.replace(cfg, model=base_model, eval=dataclasses.replace(cfg.eval, label=""))
+        base_cfg = dataclasses.replace(cfg, model=base_model,
+                                       eval=dataclasses.replace(cfg.eval, label="", support_tuning=0))
         with torch.random.fork_rng(devices=[]):  # a random-init backbone (quick-start) must not depend on what
             torch.manual_seed(cfg.train.seed)     # ran before: the baseline is a function of the config alone
             baseline = build_method(base_cfg.model)
