@@ -61,7 +61,7 @@ def schedule_lr(cfg: FinetuneConfig, step: int, total: int) -> float:
 
 
 def make_optimizer(cfg: FinetuneConfig, model: FewShotMethod) -> torch.optim.Optimizer:
-    """The ``optim.*`` optimiser over the method's trainable parameters (lr then set per step by :func:`schedule_lr`)."""
+    """The ``optim.*`` optimiser over the method's trainable parameters (lr set per step by :func:`schedule_lr`)."""
     params, o = model.trainable_parameters(), cfg.optim
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)

@@ -25,13 +25,7 @@ from fewshot.data.sources import build_splits  # noqa: E402
 from fewshot.evaluate import check_episodes  # noqa: E402
 from finetune.config import FinetuneConfig, eval_spec  # noqa: E402
 from finetune.engine import LAST, train  # noqa: E402
-from finetune.evaluate import (  # noqa: E402
-    check_eval_splits,
-    eval_benchmarks,
-    evaluate_all,
-    init_weights,
-    resolve_weights,
-)
+from finetune.evaluate import check_eval_splits, eval_benchmarks, evaluate_all, init_weights, resolve_weights  # noqa: E402
 from finetune.methods import build_method  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

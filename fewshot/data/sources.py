@@ -12,8 +12,9 @@ them across all sources.
   split ``val`` is each benchmark's own (PASCAL / COCO: held-out images of the training classes).
 * **Several sources** (``data.sources``: a list of ``data.*`` overrides, each with a ``name`` and an optional
   ``weight``, ``train: false`` (a test-only source) and ``test: false`` (a training-only source)): every source
-  is a benchmark of its own; :class:`MultiSource` joins them with keys ``<source>::<key>`` and class ids ``1000 * (i + 1) + id``. An episode always stays within one source
-  (its class belongs to one source); training episodes are drawn per source by ``weight`` (0 = in proportion
+  is a benchmark of its own; :class:`MultiSource` joins them with keys ``<source>::<key>`` and class ids
+  ``1000 * (i + 1) + id``. An episode always stays within one source (its class belongs to one source); training
+  episodes are drawn per source by ``weight`` (0 = in proportion
   to the source's (image, class) pairs).
 * **Seen-class evaluation**: when a source's ``data.fold`` is ``all``, its test classes are its training
   classes on purpose (cross-domain source training); the overlap check skips that source's test classes.

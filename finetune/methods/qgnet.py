@@ -31,13 +31,7 @@ from finetune.methods.ssp import cosine_logits, ssp_match
 from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
 from finetune.model.config import ModelConfig
 from finetune.model.fem import FEM
-from finetune.model.region_maps import (
-    guided_region_map,
-    minmax_normalize,
-    prior_region_map,
-    projection,
-    weighted_gap,
-)
+from finetune.model.region_maps import guided_region_map, minmax_normalize, prior_region_map, projection, weighted_gap
 
 
 @dataclass

@@ -29,7 +29,6 @@ import torchvision
 from torch import Tensor, nn
 
 from common.errors import WeightsError
-from finetune.model.adapters import DRAdapter, stage_channels
 from common.weights import (
     ARCHS,
     MissingWeightsError,
@@ -39,6 +38,7 @@ from common.weights import (
     stages,
     torchvision_net,
 )
+from finetune.model.adapters import DRAdapter, stage_channels
 
 
 def classifier_keys(arch: str) -> set[str]:
