@@ -7,7 +7,8 @@
 #   bash launch/compare_methods.sh runs/compare runs/finetune/smoke_real-mix_mnv2=qgnet \
 #        runs/finetune/smoke_real-mix_ssp_mnv2=ssp runs/finetune/smoke_real-mix_qsm_mnv2=qsm
 # Environment: CD_ROOT (default ../shared/data/cdfss-samples), CD_TARGETS (default "chest_xray isic kvasir"),
-#   CD_EPISODES (50), CD_SEEDS ([0,1,2]), BASELINES (eval.compare_with, default [prototype,ssp]).
+#   CD_EPISODES (50), CD_SEEDS ([0,1,2]), BASELINES (eval.compare_with, default [prototype,ssp]),
+#   HELDOUT (1; 0 = skip the held-out re-evaluation, e.g. when each run's own eval already has it).
 set -euo pipefail
 out=${1:?output folder}; shift
 runs=(); extra=()
@@ -27,8 +28,10 @@ for spec in "${runs[@]}"; do
   label=${spec#*=}; [ "$label" = "$spec" ] && label=$(basename "$run")
   [ -f "$run/config.yaml" ] || { echo "error: $run is not a run folder (no config.yaml)" >&2; exit 2; }
   # the run's own held-out classes, with the baselines beside it, on the episodes its eval used
-  python -m finetune.evaluate "$run" eval.label="$label" eval.compare_with="$compare" \
-    eval.out_dir="$out/$label/heldout" eval.vis_episodes=2 "${extra[@]}"
+  if [ "${HELDOUT:-1}" != 0 ]; then
+    python -m finetune.evaluate "$run" eval.label="$label" eval.compare_with="$compare" \
+      eval.out_dir="$out/$label/heldout" eval.vis_episodes=2 "${extra[@]}"
+  fi
   for target in $targets; do
     python -m finetune.evaluate "$run" data.sources=[] data.benchmark="$target" data.root="$cd_root" \
       eval.split=test eval.protocol=hsnet eval.episodes="$episodes" eval.seeds="$seeds" eval.label="$label" \
@@ -38,7 +41,7 @@ for spec in "${runs[@]}"; do
 done
 shopt -s nullglob
 # one source: <label>/heldout/results.json; several: <label>/heldout/<source>/results.json
-python -m fewshot.report "$out"/*/heldout/results.json "$out"/*/heldout/*/results.json \
+[ "${HELDOUT:-1}" = 0 ] || python -m fewshot.report "$out"/*/heldout/results.json "$out"/*/heldout/*/results.json \
   "$out"/*/heldout/vs_*/results.json "$out"/*/heldout/*/vs_*/results.json \
   --by benchmark --out "$out/table_heldout.md"
 cd_results=()
