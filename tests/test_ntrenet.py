@@ -114,3 +114,17 @@ def test_ntrenet_trains_through_the_entry_point_and_saves_its_bank(tmp_path):
     assert saved["bank._extra_state"].shape == (8, 1 + 8)  # 2 steps x batch 2 x (query + support), dim 8
     assert list((tmp_path / "run" / "eval").glob("grid_*.png"))
 
+
+
+def test_balanced_loss_reweights_the_segmentation_terms():
+    from finetune.methods.qgnet import balanced_cross_entropy
+
+    torch.manual_seed(0)
+    model = build_method(model_cfg("method=ntrenet", "balanced_loss=true", "ntre_modules=[bgem]")).train()
+    g = torch.Generator().manual_seed(1)
+    query, supports = torch.randn(2, 3, 33, 33, generator=g), torch.randn(2, 1, 3, 33, 33, generator=g)
+    out = model(query, supports, torch.randint(0, 2, (2, 1, 33, 33), generator=g))
+    target = torch.zeros(2, 33, 33, dtype=torch.long)
+    target[:, :4, :4] = 1                                  # a small object: the plain mean would hide it
+    _, parts = model.loss(out, target)
+    assert parts["main"].item() == pytest.approx(balanced_cross_entropy(out.logits, target).item(), rel=1e-6)

@@ -13,7 +13,8 @@ Shape walk (D = ``model.reduce_dim``, h = (S-1)/8+1; bins as PFENet's FEM):
       PFENet's inter-scale alpha / beta convolutions and per-bin classifier
     res1 / res2 / cls over the bins -> logits [B,2,h,w]
 
-Loss: ``CE(main) + bg + 0.4 mean CE(aux) + 0.6 mean CE(aux_init) + 0.01 PCL``. The background loss, for the
+Loss: ``CE(main) + bg + 0.4 mean CE(aux) + 0.6 mean CE(aux_init) + 0.01 PCL`` (``model.balanced_loss``: the
+segmentation terms weigh foreground and background equally per episode, as for qgnet). The background loss, for the
 query and each support: ``bg_out -> 0`` on the target's pixels (a per-episode mean) + ``0.5 * (bg_out -> 1)`` on
 every pixel. PCL (``pcl``): InfoNCE (tau = 1) with the predicted query foreground prototype as anchor, the
 support's ground-truth prototype as positive, and up to 1,000 prototypes of distracting objects of the same
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from fewshot.segmenter import SegmenterOutput
 from finetune.methods.base import FewShotMethod, register
-from finetune.methods.qgnet import check_episode_shapes, reduction
+from finetune.methods.qgnet import balanced_cross_entropy, check_episode_shapes, reduction
 from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
 from finetune.model.config import ModelConfig
 from finetune.model.fem import classifier_head, conv_relu, resolve_bins
@@ -164,13 +165,14 @@ class NTRENet(FewShotMethod):
     """NTRENet on a frozen backbone (optionally with QGNet's prior region map); see the module docstring."""
 
     def __init__(self, backbone: FrozenBackbone, bins: list[float], reduce_dim: int = 256, dropout: float = 0.5,
-                 modules: list[str] | None = None, prior: FrozenBackbone | None = None, sim_chunk: int = 0) -> None:
+                 modules: list[str] | None = None, prior: FrozenBackbone | None = None, sim_chunk: int = 0,
+                 balanced_loss: bool = False) -> None:
         super().__init__()
         self.modules_on = set(MODULES if modules is None else modules)
         unknown = self.modules_on - set(MODULES)
         if unknown:
             raise ValueError(f"model.ntre_modules: {sorted(unknown)[0]!r} is not one of {', '.join(MODULES)}")
-        self.backbone, self.prior, self.sim_chunk = backbone, prior, sim_chunk
+        self.backbone, self.prior, self.sim_chunk, self.balanced_loss = backbone, prior, sim_chunk, balanced_loss
         bridge_in = backbone.layer2_channels + backbone.layer3_channels
         self.down_query = reduction(bridge_in, reduce_dim, dropout)
         self.down_supp = reduction(bridge_in, reduce_dim, dropout)
@@ -251,10 +253,15 @@ class NTRENet(FewShotMethod):
         def up(t: Tensor) -> Tensor:
             return F.interpolate(t, size=size, mode="bilinear", align_corners=True)
 
-        def ce(logits: Tensor) -> Tensor:
-            return F.cross_entropy(up(logits), target, ignore_index=255)
+        def segmentation_ce(logits: Tensor) -> Tensor:  # model.balanced_loss: fg and bg weigh equally per episode
+            if self.balanced_loss:
+                return balanced_cross_entropy(logits, target)
+            return F.cross_entropy(logits, target, ignore_index=255)
 
-        parts = {"main": F.cross_entropy(out.logits, target, ignore_index=255),
+        def ce(logits: Tensor) -> Tensor:
+            return segmentation_ce(up(logits))
+
+        parts = {"main": segmentation_ce(out.logits),
                  "aux": torch.stack([ce(a) for a in out.aux_logits]).mean(),
                  "aux_init": torch.stack([ce(v) for k, v in extra.items() if k.startswith("aux_init_")]).mean()}
         support_masks = extra["support_masks"].long()
@@ -304,4 +311,5 @@ def build_ntrenet(cfg: ModelConfig) -> NTRENet:
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats,
                               adapter=cfg.adapter)
     prior = build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats) if "prior" in cfg.extra_maps else None
-    return NTRENet(backbone, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.ntre_modules, prior, cfg.sim_chunk)
+    return NTRENet(backbone, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.ntre_modules, prior, cfg.sim_chunk,
+                   cfg.balanced_loss)

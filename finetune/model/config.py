@@ -45,7 +45,8 @@ class ModelConfig:
     reduce_dim: int = field(256, help="channels of the head (bridge, prototype, FEM)")
     aux_weight: float = field(1.0, help="weight of the mean auxiliary (per-bin) cross-entropy")
     balanced_loss: bool = field(
-        False, help="qgnet / pfenet: per episode, foreground and background pixels weigh equally in the cross-entropy "
+        False, help="qgnet / pfenet / ntrenet: per episode, foreground and background pixels weigh equally in the "
+                    "cross-entropy "
                     "(false = the reference's pixel mean, which small objects push towards 'all background')")
     freeze_bn_stats: bool = field(
         False, help="false = reference behaviour: frozen backbones still run BatchNorm in train mode (batch "
