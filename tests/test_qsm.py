@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from test_methods import model_cfg, tiny
 
 from finetune.methods import build_method
-from finetune.methods.qsm import QSM, ChannelGate, fsm_mask, vote_fractions
+from finetune.methods.qsm import QSM, ChannelGate, apfm_fuse, fsm_mask, vote_fractions
 from finetune.model.adapters import DRAdapter, channel_stats, perturb, pop_cyclic_loss
 
 
@@ -162,3 +162,14 @@ def test_dr_adapter_on_the_pfenet_head_adds_its_cyclic_loss():
     assert loss.item() == pytest.approx((parts["main"] + parts["aux"] + 2 * parts["cyclic"]).item(), rel=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in model.backbone.adapters.parameters())
+
+
+def test_apfm_fusion_by_hand():
+    c = torch.tensor([[0.25, 0.75, 0.5, 0.5]])
+    pf1, pf2, pb1 = torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 8.0]]), torch.tensor([[2.0, 2.0]])
+    pb2 = torch.ones(1, 2, 1, 2)
+    pf, pb = apfm_fuse(c, torch.tensor(1.5), torch.tensor(0.5), pf1, pf2, pb1, pb2)
+    # Pf = 0.25 * (2 - 1.5) * [4, 0] + 0.75 * 1.5 * [0, 8] = [0.5, 9]
+    torch.testing.assert_close(pf, torch.tensor([[0.5, 9.0]]))
+    # Pb = 0.5 * (2 - 0.5) * [2, 2] + 0.5 * 0.5 * 1 = 1.5 + 0.25 per channel and pixel
+    torch.testing.assert_close(pb, torch.full((1, 2, 1, 2), 1.75))

@@ -60,6 +60,15 @@ def vote_fractions(features: Tensor, pf1: Tensor, pf2: Tensor, pb1: Tensor, pb2:
                         (n3 + VOTE_EPS) / bg_total, (n4 + VOTE_EPS) / bg_total], dim=1)
 
 
+def apfm_fuse(c: Tensor, g2: Tensor, g4: Tensor, pf1: Tensor, pf2: Tensor, pb1: Tensor,
+              pb2: Tensor) -> tuple[Tensor, Tensor]:
+    """APFM's fusion: ``Pf = c1 (2 - g2) Pf1 + c2 g2 Pf2`` ``[B,C]``, ``Pb = c3 (2 - g4) Pb1 + c4 g4 Pb2``
+    ``[B,C,h,w]`` (``Pb2`` per pixel); ``c [B,4]`` from :func:`vote_fractions`."""
+    pf = c[:, 0:1] * (2 - g2) * pf1 + c[:, 1:2] * g2 * pf2
+    pb = (c[:, 2:3] * (2 - g4) * pb1)[..., None, None] + c[:, 3:4, None, None] * g4 * pb2
+    return pf, pb
+
+
 class ChannelGate(nn.Module):
     """ACAM: ECA-style gate, ``x * sigmoid(conv1d_k(GAP(x)))`` with the 1-d convolution across adjacent channels."""
 
@@ -94,8 +103,7 @@ class QSM(SSP):
         pf2 = masked_average(fq, m_self)
         weighted = self.gate(fq)
         c = vote_fractions(weighted, pf1, pf2, pb1, pb2)
-        pf = c[:, 0:1] * (2 - self.g2) * pf1 + c[:, 1:2] * self.g2 * pf2
-        pb = (c[:, 2:3] * (2 - self.g4) * pb1)[..., None, None] + c[:, 3:4, None, None] * self.g4 * pb2
+        pf, pb = apfm_fuse(c, self.g2, self.g4, pf1, pf2, pb1, pb2)
         logits = cosine_logits(weighted, pf, pb)
         maps = {"significant": out0.softmax(dim=1)[:, 1:], "fsm": m_self, "qsm": logits.softmax(dim=1)[:, 1:]}
         out = SegmenterOutput(logits=F.interpolate(logits, size=size, mode="bilinear", align_corners=True), maps=maps)
