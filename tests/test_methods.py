@@ -167,15 +167,24 @@ def test_balanced_cross_entropy_by_hand():
     assert balanced_cross_entropy(logits, only_bg).item() == pytest.approx(bg_mean, rel=1e-6)
 
 
-def test_prototype_residual_starts_exactly_as_the_baseline():
+@pytest.mark.parametrize("residual", ["prototype", "ssp"])
+def test_residual_starts_exactly_as_the_training_free_method(residual):
+    from finetune.methods.ssp import SSP
+
     torch.manual_seed(0)
-    qgnet = build_method(model_cfg("method=pfenet", "extra_maps=[prototype]", "residual=prototype",
+    qgnet = build_method(model_cfg("method=pfenet", f"extra_maps=[{residual}]", f"residual={residual}",
                                    "freeze_bn_stats=true")).eval()
-    baseline = PrototypeBaseline(qgnet.backbone, "layer3", 20.0).eval()  # the same frozen trunk
+    trunk = qgnet.backbone  # the same frozen trunk
+    baseline = (PrototypeBaseline(trunk, "layer3", 20.0) if residual == "prototype" else SSP(trunk, "layer3")).eval()
     g = torch.Generator().manual_seed(2)
     query, supports = torch.randn(2, 3, 33, 33, generator=g), torch.randn(2, 2, 3, 33, 33, generator=g)
     masks = (torch.rand(2, 2, 33, 33, generator=g) > 0.5).long()
     with torch.no_grad():
         ours, ref = qgnet(query, supports, masks), baseline(query, supports, masks)
     torch.testing.assert_close(ours.logits, ref.logits)
-    assert set(ours.maps) == {"guided", "prototype"}
+    extra = {"prototype"} if residual == "prototype" else {"ssp_fg", "ssp_bg"}
+    assert set(ours.maps) == {"guided", *extra}
+    for name in extra - {"prototype"}:  # SSP's maps are min-max normalised per episode
+        flat = ours.maps[name].flatten(1)
+        torch.testing.assert_close(flat.min(1).values, torch.zeros(2))
+        torch.testing.assert_close(flat.max(1).values, torch.ones(2), atol=1e-5, rtol=0)

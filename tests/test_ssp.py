@@ -121,24 +121,6 @@ def test_ssp_loss_is_the_four_terms_and_trains_the_stages():
     assert model.backbone.layer3[0].conv[0][0].weight.grad.abs().sum() > 0
 
 
-def test_qgnet_with_the_ssp_residual_starts_as_ssp():
-    torch.manual_seed(0)
-    qgnet = build_method(model_cfg("method=pfenet", "extra_maps=[ssp]", "residual=ssp", "freeze_bn_stats=true"))
-    ssp = SSP(qgnet.backbone, "layer3").eval()
-    qgnet.eval()
-    g = torch.Generator().manual_seed(2)
-    query, supports = torch.randn(2, 3, 33, 33, generator=g), torch.randn(2, 2, 3, 33, 33, generator=g)
-    masks = (torch.rand(2, 2, 33, 33, generator=g) > 0.5).long()
-    with torch.no_grad():
-        ours, ref = qgnet(query, supports, masks), ssp(query, supports, masks)
-    torch.testing.assert_close(ours.logits, ref.logits)
-    assert {"ssp_fg", "ssp_bg"} <= set(ours.maps)
-    for name in ("ssp_fg", "ssp_bg"):  # min-max normalised per episode
-        flat = ours.maps[name].flatten(1)
-        torch.testing.assert_close(flat.min(1).values, torch.zeros(2))
-        torch.testing.assert_close(flat.max(1).values, torch.ones(2), atol=1e-5, rtol=0)
-
-
 def test_maps_only_head_reads_no_appearance_feature():
     model = build_method(model_cfg("method=qgnet", "extra_maps=[prototype,ssp]", "residual=prototype",
                                    "head_inputs=maps"))
