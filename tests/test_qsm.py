@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_methods import model_cfg, tiny
 
 from finetune.methods import build_method
@@ -144,11 +143,6 @@ def test_init_from_refuses_a_file_of_another_network(tmp_path):
     save_file({"head.weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(WeightsError, match="model.init_from=.*keys the model lacks \\['head.weight'\\]"):
         run_main(tiny(tmp_path / "data", tmp_path, "model.method=qsm", f"model.init_from={tmp_path}/other.safetensors"))
-
-
-def test_cosines_are_unchanged_by_a_uniform_gate():
-    x, p = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 1, 1)
-    torch.testing.assert_close(F.cosine_similarity(0.5 * x, p, dim=1), F.cosine_similarity(x, p, dim=1))
 
 
 def test_dr_adapter_on_the_pfenet_head_adds_its_cyclic_loss():
