@@ -55,7 +55,7 @@ def check_trackers(names: Sequence[str], key: str = "train.trackers") -> None:
 
 def start_run(cfg: Any, title: str, run_dir: Path, config_path: str | None, seed: int, deterministic: bool,
               trackers: Sequence[str], kwargs_handlers: Iterable[Any] = (),
-              header: dict[str, Any] | None = None) -> Accelerator:
+              header: dict[str, Any] | None = None, mixed_precision: str | None = None) -> Accelerator:
     """Make the run's Accelerator, seed every RNG, write ``config.yaml`` and print the header (rank 0).
 
     Args:
@@ -68,11 +68,12 @@ def start_run(cfg: Any, title: str, run_dir: Path, config_path: str | None, seed
         trackers: accelerate ``log_with`` names (checked by :func:`check_trackers` in the config).
         kwargs_handlers: accelerate kwargs handlers (e.g. DDP settings).
         header: extra header rows.
+        mixed_precision: ``no`` / ``bf16`` / ``fp16`` for accelerate; None leaves it to the launcher.
     """
     if deterministic:
         torch.use_deterministic_algorithms(True)
     accelerator = Accelerator(log_with=list(trackers) or None, project_dir=str(run_dir),
-                              kwargs_handlers=list(kwargs_handlers))
+                              kwargs_handlers=list(kwargs_handlers), mixed_precision=mixed_precision)
     set_seed(seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

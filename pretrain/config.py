@@ -25,10 +25,21 @@ class DataConfig:
     on_bad_image: Literal["error", "skip"] = field(
         "error", help="error: stop naming the file; skip: leave it out, count it and list it in the run folder")
     builtin_dir: str = field("", help="where the builtin images are materialised (default: <out_dir>/builtin_images)")
+    augment_on: Literal["auto", "worker", "device"] = field(
+        "auto", help="worker: loader workers decode and augment with PIL (lightly / torchvision); device: workers "
+                     "only decode onto a canvas and draw each view's parameters, the views are cut and coloured "
+                     "batched on the accelerator (pretrain/device_views.py); auto: device on CUDA, worker on CPU")
+    decode_on: Literal["worker", "device"] = field(
+        "worker", help="augment_on=device only: worker decodes in the loader; device sends the JPEG bytes and "
+                       "torchvision decodes the batch on the accelerator (nvJPEG on CUDA); every image must be a JPEG")
+    canvas_side: int = field(512, help="augment_on=device: images are shrunk to fit a canvas of this side (never "
+                                       "enlarged) so a batch is one tensor; crops are drawn in the image's pixels")
 
     def validate(self) -> None:
         if self.source != "builtin" and not self.root:
             raise ValueError(f"data.root is required for data.source={self.source!r}")
+        if self.canvas_side < 32:
+            raise ValueError(f"data.canvas_side must be >= 32 pixels, got {self.canvas_side}")
         if self.num_workers < 0:  # the DataLoader would only refuse it after the dataset is prepared
             raise ValueError(f"data.num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
 
@@ -107,6 +118,9 @@ class OptimConfig:
     momentum: float = field(0.9, help="SGD momentum")
     weight_decay: float = field(1e-4, help="SGD weight decay")
     schedule: Literal["cosine", "constant"] = field("cosine", help="cosine decay to 0 over the run, no warm-up")
+    implementation: Literal["auto", "fused", "foreach", "loop"] = field(
+        "auto", help="torch SGD kernel: fused (one kernel for all parameters), foreach (batched per step) or loop; "
+                     "auto: fused on CUDA, foreach elsewhere")
 
     def validate(self) -> None:  # torch.optim.SGD refuses these too, but only once the model is built
         for key, value in (("optim.base_lr", self.base_lr), ("optim.momentum", self.momentum),
@@ -130,6 +144,13 @@ class TrainConfig:
     out_dir: str = field("runs/pretrain", help="parent folder of run folders")
     run_name: str = field("", help="run folder name (default: the config file's stem)")
     export_at_end: bool = field(True, help="write the prior-extractor export (key encoder) when training ends")
+    mixed_precision: Literal["launcher", "no", "bf16", "fp16"] = field(
+        "launcher", help="autocast through accelerate: launcher = what `accelerate launch --mixed_precision` (or its "
+                         "config) says; bf16 on Ampere / Hopper GPUs; the InfoNCE logits and the queues stay float32")
+    channels_last: Literal["auto", "on", "off"] = field(
+        "auto", help="NHWC memory format for the encoders and the views (faster convolutions on tensor cores); "
+                     "auto: on with CUDA")
+    compile: bool = field(False, help="torch.compile the two encoders (in place: checkpoints keep their keys)")
 
     def validate(self) -> None:
         if self.batch_size < 1:

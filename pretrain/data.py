@@ -3,10 +3,15 @@
 Every sample is made from a generator seeded by (seed, epoch, index) alone, so a batch is the same whatever
 the number of workers and a resumed run sees exactly the batches an uninterrupted run would. Superpixels
 are never computed here: they are read from the on-disk cache that :func:`prepare_images` fills first.
+
+With ``data.augment_on=worker`` a sample is its finished views (PIL, lightly, torchvision); with ``device`` it
+is the image on a fixed canvas (or its JPEG bytes) plus every view's parameters, and
+:class:`pretrain.device_views.DeviceViews` cuts and colours the views of the whole batch on the accelerator.
 """
 
 from __future__ import annotations
 
+import io
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from lightly.transforms import MoCoV2Transform
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from common.errors import DataError
@@ -26,6 +31,8 @@ from common.images import image_size, list_images, read_rgb
 from common.io import atomic_path
 from fewshot.data.pascal import PASCAL_TRAIN_LIST
 from pretrain.config import AugConfig, PretrainConfig
+from pretrain.device_views import canvas_size
+from pretrain.view_params import sample_rng, view_params
 from superpixels.cache import SuperpixelCache, precompute
 from superpixels.segment import segment_ids_for_sampling
 from superpixels.transforms import JointViewTransform, sample_segment_crop
@@ -152,7 +159,19 @@ def prepare_images(cfg: PretrainConfig, out_dir: Path, cache_dir: Path, progress
         report.good = [p for p in report.good if str(p) not in sp.bad]
     if not report.good:
         raise ImageError(f"no usable image left out of {len(report.good) + len(report.bad)}")
+    if cfg.data.decode_on == "device":  # nvJPEG decodes JPEG only: say so now, not inside a worker
+        others = [p for p in report.good if not is_jpeg(p)]
+        if others:
+            more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+            raise ImageError(f"{others[0]}: not a JPEG file{more}; data.decode_on=device decodes JPEG only, "
+                             "use data.decode_on=worker")
     return report
+
+
+def is_jpeg(path: str | Path) -> bool:
+    """Whether the file starts with the JPEG SOI marker."""
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\xff\xd8"
 
 
 def save_superpixel_grid(paths: list[Path], cfg: PretrainConfig, cache_dir: Path, out: Path,
@@ -208,9 +227,24 @@ class PretrainImages(Dataset):
         ``view_q``, ``view_k``: ``[3, S, S]`` two MoCo-v2 views (when the global loss or pooled mode is on).
         ``labels_q``, ``labels_k``: ``[S, S]`` int64 superpixel ids aligned with the views (pooled mode).
         ``patch_q``, ``patch_k``: ``[3, P, P]`` two views of one superpixel's box crop (patch mode).
+
+    In ``device`` mode (``augment_on="device"``, C = data.canvas_side) an item is instead:
+        ``canvas``: ``[3, C, C]`` uint8, the image shrunk to fit (:func:`pretrain.device_views.canvas_size`) at the
+        top left, zeros elsewhere; or ``jpeg``: ``[L]`` uint8 file bytes with ``data.decode_on=device``.
+        ``canvas_labels``: ``[C, C]`` int16 superpixel ids on the same canvas (pooled mode).
+        per view v in ``q_``, ``k_`` (global / pooled) and ``patch_q_``, ``patch_k_`` (patch): ``v + "box"`` ``[4]``
+        (x1, y1, x2, y2) in canvas pixels, ``flip``, ``jitter [4]``, ``order [4]``, ``gray``, ``sigma``
+        (:func:`pretrain.view_params.view_params`).
+    Pooled mode adds ``region_count``: 1 + the largest superpixel id (:func:`collate_views` keeps the batch's
+    largest as an int), so the model sizes its pooling without reading a device tensor.
     """
 
-    def __init__(self, paths: list[Path], cfg: PretrainConfig, cache_dir: Path) -> None:
+    def __init__(self, paths: list[Path], cfg: PretrainConfig, cache_dir: Path, augment_on: str = "worker") -> None:
+        if augment_on not in ("worker", "device"):
+            raise ValueError(f"augment_on must be worker or device (the engine resolves auto), got {augment_on!r}")
+        self.augment_on, self.decode_on = augment_on, cfg.data.decode_on
+        self.canvas_side = cfg.data.canvas_side
+        self.aug = cfg.aug
         self.paths = [str(p) for p in paths]
         self.seed = cfg.train.seed
         self.epoch = 0
@@ -233,18 +267,16 @@ class PretrainImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         path = self.paths[index]
         raw = Path(path).read_bytes()
+        if self.augment_on == "device":
+            return self.device_sample(index, path, raw)
         image = Image.fromarray(read_rgb(raw, path))
-        labels = None
-        if self.cache is not None:
-            labels = self.cache.load(self.cache.key_for(raw))
-            if labels.shape != (image.height, image.width):
-                raise ImageError(f"{path}: cached superpixels are {labels.shape}, image is "
-                                 f"{(image.height, image.width)}; delete the cache entry and re-run")
+        labels = self.labels(raw, path, (image.height, image.width))
         out: dict[str, torch.Tensor] = {}
         with seeded((self.seed, self.epoch, index)):
             if self.mode == "pooled":
                 out["view_q"], out["labels_q"] = self.joint_view(image, labels)
                 out["view_k"], out["labels_k"] = self.joint_view(image, labels)
+                out["region_count"] = torch.tensor(int(labels.max()) + 1)
             elif self.want_global:
                 out["view_q"], out["view_k"] = self.global_views(image)
             if self.mode == "patch":
@@ -253,3 +285,94 @@ class PretrainImages(Dataset):
                 crop = sample_segment_crop(image, labels, ids, rng)
                 out["patch_q"], out["patch_k"] = self.patch_views(crop)
         return out
+
+    def labels(self, raw: bytes, path: str, size: tuple[int, int]) -> np.ndarray | None:
+        """The cached superpixel map ``[H, W]`` of an image of ``size`` (H, W); None without the local loss."""
+        if self.cache is None:
+            return None
+        labels = self.cache.load(self.cache.key_for(raw))
+        if labels.shape != size:
+            raise ImageError(f"{path}: cached superpixels are {labels.shape}, image is {size}; delete the cache "
+                             "entry and re-run")
+        return labels
+
+    def device_sample(self, index: int, path: str, raw: bytes) -> dict[str, torch.Tensor]:
+        """The canvas (or JPEG bytes) and every view's parameters; see the class docstring."""
+        rng = sample_rng(self.seed, self.epoch, index)
+        out: dict[str, torch.Tensor] = {}
+        if self.decode_on == "device":
+            with Image.open(io.BytesIO(raw)) as header:  # the size only: the pixels are decoded on the device
+                width, height = header.size
+            out["jpeg"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            image = None
+        else:
+            image = read_rgb(raw, path)  # [H,W,3]
+            height, width = image.shape[:2]
+        ch, cw = canvas_size(height, width, self.canvas_side)
+        if image is not None:
+            out["canvas"] = torch.from_numpy(to_canvas(image, (ch, cw), self.canvas_side)).permute(2, 0, 1)
+        labels = self.labels(raw, path, (height, width))
+        to_canvas_box = np.array([cw / width, ch / height, cw / width, ch / height])
+        aug, pm = self.aug, self.aug.photometric
+
+        def add(prefix: str, params: dict[str, np.ndarray]) -> None:
+            params["box"] = params["box"] * to_canvas_box
+            out.update({prefix + k: torch.from_numpy(np.asarray(v)) for k, v in params.items()})
+
+        if self.want_global:
+            for prefix in ("q_", "k_"):
+                add(prefix, view_params(rng, height, width, aug.min_scale, aug.hflip_prob, pm))
+        if self.mode == "pooled":
+            if labels.max() > np.iinfo(np.int16).max:
+                raise ImageError(f"{path}: {int(labels.max()) + 1} superpixels, more than the 32,768 the canvas "
+                                 "holds; lower superpixels.n_segments / raise fh_scale")
+            out["canvas_labels"] = torch.from_numpy(labels_to_canvas(labels, (ch, cw), self.canvas_side))
+            out["region_count"] = torch.tensor(int(labels.max()) + 1)
+        if self.mode == "patch":
+            ids = segment_ids_for_sampling(labels, self.min_area_frac)
+            top, left, bottom, right = segment_box(labels, ids[rng.integers(len(ids))])
+            for prefix in ("patch_q_", "patch_k_"):
+                add(prefix, view_params(rng, bottom - top, right - left, aug.min_scale, aug.hflip_prob, pm,
+                                        offset=(top, left)))
+        return out
+
+
+def to_canvas(image: np.ndarray, size: tuple[int, int], side: int) -> np.ndarray:
+    """``image [H,W,3]`` uint8 resized (PIL bilinear, antialiased) to ``size`` (h, w) at the top left of a zero
+    ``[side, side, 3]`` canvas."""
+    if image.shape[:2] != size:
+        image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    canvas = np.zeros((side, side, 3), np.uint8)
+    canvas[:size[0], :size[1]] = image
+    return canvas
+
+
+def labels_to_canvas(labels: np.ndarray, size: tuple[int, int], side: int) -> np.ndarray:
+    """``labels [H,W]`` resized by pixel-centre nearest to ``size`` (h, w) on a zero ``[side, side]`` int16 canvas."""
+    height, width = labels.shape
+    rows = ((np.arange(size[0]) + 0.5) * height / size[0]).astype(np.int64)
+    cols = ((np.arange(size[1]) + 0.5) * width / size[1]).astype(np.int64)
+    canvas = np.zeros((side, side), np.int16)
+    canvas[:size[0], :size[1]] = labels[rows[:, None], cols[None, :]]
+    return canvas
+
+
+def segment_box(labels: np.ndarray, segment: int) -> tuple[int, int, int, int]:
+    """``(top, left, bottom, right)`` (exclusive) of the tight bounding box of one superpixel id."""
+    inside = labels == segment
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if len(rows) == 0:
+        raise ValueError(f"superpixel id {segment} does not occur in the label map")
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def collate_views(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """``default_collate``, except JPEG bytes (one length per file), which stay a list, and ``region_count``,
+    which becomes the batch's largest, a Python int (the pooled branch's size, known without a device read)."""
+    apart = ("jpeg", "region_count")
+    batch = default_collate([{k: v for k, v in s.items() if k not in apart} for s in samples])
+    if "jpeg" in samples[0]:
+        batch["jpeg"] = [s["jpeg"] for s in samples]
+    if "region_count" in samples[0]:
+        batch["region_count"] = max(int(s["region_count"]) for s in samples)
+    return batch

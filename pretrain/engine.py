@@ -3,6 +3,11 @@
 Everything that varies from step to step is either saved in the checkpoint (weights, optimiser, queues,
 RNG states) or derived from the step counter (epoch, position in the epoch, learning rate), which is what
 makes ``--resume auto`` continue exactly where a killed run stopped.
+
+A step reads nothing back from the accelerator: its scalars are summed on the device and read (one
+synchronisation) only on logging steps, the queues keep their pointers on the device, and the pooled
+branch is sized from the loader's ``region_count``. With ``data.augment_on=device`` the views are made
+here, batched on the device (:class:`pretrain.device_views.DeviceViews`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from common.checkpoint import save_checkpoint
 from common.run import TrainLog, due, resume_from, set_lr
 from pretrain.config import PretrainConfig
-from pretrain.data import PretrainImages
+from pretrain.data import PretrainImages, collate_views
+from pretrain.device_views import HOST_KEYS, DeviceViews
 from pretrain.losses import info_nce
 from pretrain.model import MoCoPrior
 from queues.feature_queue import FeatureQueue
@@ -46,10 +52,40 @@ def lr_at(cfg: PretrainConfig, peak: float, step: int, total: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
-def make_optimizer(cfg: PretrainConfig, model: MoCoPrior, lr: float) -> torch.optim.SGD:
-    """SGD over the query side only (the key side moves by momentum)."""
+def make_optimizer(cfg: PretrainConfig, model: MoCoPrior, lr: float, device: torch.device) -> torch.optim.SGD:
+    """SGD over the query side only (the key side moves by momentum), with ``optim.implementation``'s kernel."""
     params = [p for m in model.query_modules() for p in m.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    impl = cfg.optim.implementation
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, **kernel)
+
+
+def resolve_augment_on(cfg: PretrainConfig, device: torch.device) -> str:
+    """``data.augment_on`` with ``auto`` decided: device on CUDA, worker elsewhere."""
+    if cfg.data.augment_on != "auto":
+        return cfg.data.augment_on
+    return "device" if device.type == "cuda" else "worker"
+
+
+def uses_channels_last(cfg: PretrainConfig, device: torch.device) -> bool:
+    """``train.channels_last`` with ``auto`` decided (on with CUDA)."""
+    return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    """Move a loader batch to ``device``; JPEG bytes and ``region_count`` stay on the host (see ``HOST_KEYS``)."""
+    out = {}
+    for key, value in batch.items():
+        if key in HOST_KEYS:
+            out[key] = value
+            continue
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.ndim == 4 and value.is_floating_point():
+            value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
 
 
 def make_queues(cfg: PretrainConfig, device: torch.device) -> dict[str, FeatureQueue]:
@@ -75,25 +111,27 @@ def restore_queues(queues: dict[str, FeatureQueue], tensors: dict[str, torch.Ten
 
 def train_step(model: torch.nn.Module, queues: dict[str, FeatureQueue], batch: dict[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, accelerator: Accelerator,
-               cfg: PretrainConfig) -> tuple[dict[str, float], torch.Tensor]:
+               cfg: PretrainConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One MoCo step: momentum update, encode, InfoNCE against the queues, backward, SGD, enqueue.
 
-    ``model`` is the prepared (possibly DDP-wrapped) :class:`MoCoPrior`; returns (scalars, total loss).
+    ``model`` is the prepared (possibly DDP-wrapped) :class:`MoCoPrior`; returns (detached scalar tensors, total
+    loss), both still on the device: reading them is the caller's choice (on logging steps only).
     """
     accelerator.unwrap_model(model).momentum_update()
     out = model(batch)
     temperature = cfg.loss.temperature
     loss = torch.zeros((), device=accelerator.device)
-    scalars: dict[str, float] = {}
+    scalars: dict[str, torch.Tensor] = {}
     if cfg.uses_global:
         loss_g, acc_g = info_nce(out["q"], out["k"], queues["global"].keys, temperature)
         loss = loss + cfg.loss.global_weight * loss_g
-        scalars.update({"loss/global": loss_g.item(), "acc/global_top1": acc_g.item()})
+        scalars.update({"loss/global": loss_g.detach(), "acc/global_top1": acc_g.detach()})
     if cfg.uses_local:
         loss_l, acc_l = info_nce(out["local_q"], out["local_k"], queues["local"].keys, temperature,
                                  out["local_valid"])
         loss = loss + cfg.loss.local_weight * loss_l
-        scalars.update({"loss/local": loss_l.item(), "acc/local_top1": acc_l.item()})
+        scalars.update({"loss/local": loss_l.detach(), "acc/local_top1": acc_l.detach()})
+    scalars["loss/total"] = loss.detach()
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     optimizer.step()
@@ -120,14 +158,18 @@ def check_queues_agree(queues: dict[str, FeatureQueue], accelerator: Accelerator
 def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_paths: list[Path],
           cache_dir: Path, resume: str | None = None, allow_inexact: bool = False) -> TrainResult:
     """Pretrain the prior extractor on ``image_paths``; returns the final step and checkpoint folder."""
-    dataset = PretrainImages(image_paths, cfg, cache_dir)
+    device = accelerator.device
+    augment_on = resolve_augment_on(cfg, device)
+    channels_last = uses_channels_last(cfg, device)
+    dataset = PretrainImages(image_paths, cfg, cache_dir, augment_on)
+    views = DeviceViews(cfg, device) if augment_on == "device" else None
     world, rank = accelerator.num_processes, accelerator.process_index
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
                                  drop_last=True)
     # the loader draws worker base seeds from its own generator, not the global RNG: a resumed run makes a
     # new iterator mid-epoch, and that must not shift the random stream the model side (key shuffle) uses
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", collate_fn=collate_views,
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -136,23 +178,30 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
     model = MoCoPrior(cfg, world_size=world)
-    queues = make_queues(cfg, accelerator.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:  # in place, so parameter names (and checkpoints) stay those of the eager model
+        model.query_encoder.compile()
+        model.key_encoder.compile()
+    queues = make_queues(cfg, device)
     global_batch = cfg.train.batch_size * world
     peak_lr = scaled_lr(cfg, global_batch)
-    optimizer = make_optimizer(cfg, model, peak_lr)
+    optimizer = make_optimizer(cfg, model, peak_lr, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     core: MoCoPrior = accelerator.unwrap_model(model)
 
+    # the views of a device-augmented run differ from a worker-augmented one: resuming across modes is refused
     resumed = resume_from(accelerator, run_dir, resume, {
-        "global_batch": global_batch, "arch": cfg.model.arch, "total_steps": total_steps},
-        allow_inexact=allow_inexact)
+        "global_batch": global_batch, "arch": cfg.model.arch, "total_steps": total_steps,
+        "augment_on": augment_on}, allow_inexact=allow_inexact)
     if resumed.checkpoint is not None:
         restore_queues(queues, {k: v.to(accelerator.device) for k, v in resumed.extra.items()})
     step, checkpoint = resumed.step, resumed.checkpoint
 
     log = TrainLog(accelerator, run_dir, "pretrain", cfg, total_steps, step)
     last: dict[str, float] = {}
-    images_since = 0
+    sums: dict[str, torch.Tensor] = {}  # on the device, since the last log (or the resume)
+    steps_since = 0
     model.train()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -160,20 +209,25 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
         dataset.set_epoch(epoch)
         epoch_loader = skip_first_batches(loader, offset) if offset else loader
         for batch in epoch_loader:
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, device, channels_last)
+            if views is not None:
+                batch = to_device(views(batch), device, channels_last)
             lr = lr_at(cfg, peak_lr, step, total_steps)
             set_lr(optimizer, lr)
-            scalars, loss = train_step(model, queues, batch, optimizer, accelerator, cfg)
+            step_scalars, _ = train_step(model, queues, batch, optimizer, accelerator, cfg)
+            sums = {k: sums[k] + v if k in sums else v.clone() for k, v in step_scalars.items()}
             step += 1
-            images_since += global_batch
+            steps_since += 1
             log.advance()
-            if due(step, cfg.train.log_every, total_steps):
-                scalars.update({"loss/total": loss.item(), "lr": lr, "momentum": core.momentum,
-                                "throughput/images_per_s": images_since / max(log.seconds_since_last(), 1e-9)})
+            if due(step, cfg.train.log_every, total_steps):  # the only place a step's numbers reach the host
+                scalars = {k: v.item() / steps_since for k, v in sums.items()}
+                scalars.update({"lr": lr, "momentum": core.momentum, "throughput/images_per_s":
+                                steps_since * global_batch / max(log.seconds_since_last(), 1e-9)})
                 scalars.update({f"queue/{n}_fill": q.fill_fraction for n, q in queues.items()})
-                log.write(step, scalars, {"epoch": epoch}, {"loss": f"{loss.item():.3f}", "lr": f"{lr:.4f}"})
-                images_since = 0
-            last = scalars
+                log.write(step, scalars, {"epoch": epoch},
+                          {"loss": f"{scalars['loss/total']:.3f}", "lr": f"{lr:.4f}"})
+                sums, steps_since = {}, 0
+                last = scalars
             if due(step, cfg.train.checkpoint_every, total_steps):
                 digests = check_queues_agree(queues, accelerator)
                 checkpoint = save_checkpoint(

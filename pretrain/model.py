@@ -127,19 +127,25 @@ class MoCoPrior(nn.Module):
                 out["local_k"] = F.normalize(self.local_head_k(pk), dim=1)
             out["local_valid"] = torch.ones(pq.shape[0], dtype=torch.bool, device=pq.device)
         elif self.uses_local:
-            out.update(self._pooled_local(fq, fk, batch["labels_q"], batch["labels_k"], generator))
+            out.update(self._pooled_local(fq, fk, batch["labels_q"], batch["labels_k"], generator,
+                                          batch.get("region_count")))
         return out
 
     def _pooled_local(self, fq: Tensor, fk: Tensor, labels_q: Tensor, labels_k: Tensor,
-                      generator: torch.Generator | None) -> dict[str, Tensor]:
-        """DetCon-style: mean-pool each view's features per superpixel, pair the same id across views."""
-        num_ids = int(max(labels_q.max(), labels_k.max())) + 1
+                      generator: torch.Generator | None, region_count: int | None = None) -> dict[str, Tensor]:
+        """DetCon-style: mean-pool each view's features per superpixel, pair the same id across views.
+
+        ``region_count`` (from the loader: 1 + the batch's largest id) sizes the pooling without reading the
+        label maps back from the device; without it the maps are read (and checked).
+        """
+        known = region_count is not None
+        num_ids = int(region_count) if known else int(max(labels_q.max(), labels_k.max())) + 1
         grid = fq.shape[-1]
-        grid_q = labels_to_grid(labels_q, grid, num_ids)  # [B, h, w]
-        grid_k = labels_to_grid(labels_k, grid, num_ids)
-        pooled_q, present_q = pool_regions(fq, grid_q, num_ids)  # [B, num_ids, C], [B, num_ids]
+        grid_q = labels_to_grid(labels_q, grid, num_ids, check=not known)  # [B, h, w]
+        grid_k = labels_to_grid(labels_k, grid, num_ids, check=not known)
+        pooled_q, present_q = pool_regions(fq, grid_q, num_ids, check=not known)  # [B, num_ids, C], [B, num_ids]
         with torch.no_grad():
-            pooled_k, present_k = pool_regions(fk, grid_k, num_ids)
+            pooled_k, present_k = pool_regions(fk, grid_k, num_ids, check=not known)
         ids, valid = sample_shared_ids(present_q, present_k, self.pooled_regions, generator)  # [B, n]
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
         emb_q = self.local_head_q(pooled_q[rows, ids].flatten(0, 1))  # [B*n, D]

@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     run_name = cfg.train.run_name or (Path(inv.config_path).stem if inv.config_path else "default")
     run_dir = Path(cfg.train.out_dir) / run_name
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not (cfg.uses_global and cfg.uses_local))
+    precision = None if cfg.train.mixed_precision == "launcher" else cfg.train.mixed_precision
     # same seed on every rank: both encoders and heads start identical everywhere
     accelerator = start_run(cfg, "stage 1: prior-extractor pretraining", run_dir, inv.config_path, cfg.train.seed,
-                            cfg.train.deterministic, cfg.train.trackers, kwargs_handlers=[ddp])
+                            cfg.train.deterministic, cfg.train.trackers, kwargs_handlers=[ddp],
+                            mixed_precision=precision)
 
     cache_dir = Path(cfg.superpixels.cache_dir or Path(cfg.train.out_dir) / "superpixel_cache")
     image_list = run_dir / "images.txt"

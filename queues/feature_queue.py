@@ -37,16 +37,36 @@ class FeatureQueue(nn.Module):
         """Write ``keys [N, dim]`` (rows where ``valid [N]`` is False are left out) after the newest entry.
 
         A batch that crosses the end continues at slot 0; a batch longer than the queue keeps its last
-        ``size`` keys, as if it had been written one key at a time.
+        ``size`` keys, as if it had been written one key at a time. With ``N <= size`` (every real run) nothing
+        is read back to the host: the valid rows are moved to the front, all N slots after the pointer are
+        written, and slots past the valid count get their old keys back.
         """
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"expected keys of shape [N, {self.dim}], got {tuple(keys.shape)}")
+        keys = keys.detach().to(self.keys.dtype)
+        n_rows = keys.shape[0]
+        if n_rows > self.size:
+            self._enqueue_long(keys, valid)
+            return
+        if valid is None:
+            count = torch.full((), n_rows, dtype=torch.long, device=keys.device)
+        else:
+            valid = valid.to(torch.bool)
+            keys = keys[torch.argsort((~valid).to(torch.int8), stable=True)]  # valid rows first, in order
+            count = valid.sum()
+        rows = torch.arange(n_rows, device=keys.device)
+        slots = (rows + self.ptr) % self.size
+        self.keys[slots] = torch.where((rows < count)[:, None], keys, self.keys[slots])
+        self.ptr.copy_((self.ptr + count) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + count, max=self.size))
+
+    def _enqueue_long(self, keys: Tensor, valid: Tensor | None) -> None:
+        """More rows than slots (tiny queues only): compact on the host, keep the newest ``size``."""
         if valid is not None:
             keys = keys[valid.to(torch.bool)]
         n = keys.shape[0]
         if n == 0:
             return
-        keys = keys.detach().to(self.keys.dtype)
         ptr = int(self.ptr)
         if n >= self.size:  # only the newest `size` keys survive; they end just before the new pointer
             ptr = (ptr + n) % self.size

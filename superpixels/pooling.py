@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from lightly.models.utils import pool_masked
 
 
-def labels_to_grid(labels: torch.Tensor, grid: int, num_ids: int) -> torch.Tensor:
+def labels_to_grid(labels: torch.Tensor, grid: int, num_ids: int, check: bool = True) -> torch.Tensor:
     """Majority id per feature cell (one-hot, average-pool each block, argmax; ties go to the lower id).
 
     Pixel (y, x) belongs to cell (y * grid // S, x * grid // S); with S divisible by ``grid`` these are the
@@ -17,6 +16,8 @@ def labels_to_grid(labels: torch.Tensor, grid: int, num_ids: int) -> torch.Tenso
         labels: [B,S,S] int64 ids in ``[0, num_ids)``.
         grid: cells per side (the encoder's output side, e.g. 7 for 224 px on ResNet-50).
         num_ids: number of possible ids.
+        check: verify the id range (reads two values back from the device: callers whose ids are known to be
+            in range, like the training step, pass False).
 
     Returns:
         [B,grid,grid] int64.
@@ -24,7 +25,8 @@ def labels_to_grid(labels: torch.Tensor, grid: int, num_ids: int) -> torch.Tenso
     batch, height, width = labels.shape
     if height < grid or width < grid:
         raise ValueError(f"label maps of size {height}x{width} are smaller than the {grid}x{grid} grid")
-    _check_ids(labels, num_ids)
+    if check:
+        _check_ids(labels, num_ids)
     cell_row = torch.arange(height, device=labels.device) * grid // height  # [S]
     cell_col = torch.arange(width, device=labels.device) * grid // width  # [S]
     cell = (cell_row[:, None] * grid + cell_col[None, :]).reshape(1, -1)  # [1,S*S]
@@ -34,22 +36,25 @@ def labels_to_grid(labels: torch.Tensor, grid: int, num_ids: int) -> torch.Tenso
     return counts.view(batch, grid, grid, num_ids).argmax(dim=-1)
 
 
-def pool_regions(features: torch.Tensor, grid_labels: torch.Tensor,
-                 num_ids: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_regions(features: torch.Tensor, grid_labels: torch.Tensor, num_ids: int,
+                 check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean feature of each id (lightly ``pool_masked``) and which ids occur.
 
     Args:
         features: [B,C,h,w].
         grid_labels: [B,h,w] int64 ids in ``[0, num_ids)``.
         num_ids: number of possible ids N.
+        check: verify the id range (as in :func:`labels_to_grid`).
 
     Returns:
         pooled [B,N,C] (zeros for absent ids) and present [B,N] bool.
     """
     if features.shape[-2:] != grid_labels.shape[-2:] or features.shape[0] != grid_labels.shape[0]:
         raise ValueError(f"features {tuple(features.shape)} and grid labels {tuple(grid_labels.shape)} do not match")
-    _check_ids(grid_labels, num_ids)
-    present = F.one_hot(grid_labels.flatten(1), num_ids).amax(dim=1).bool()  # [B,N]
+    if check:
+        _check_ids(grid_labels, num_ids)
+    flat = grid_labels.flatten(1)  # a scatter, not one_hot, which range-checks its input with a host read
+    present = torch.zeros(flat.shape[0], num_ids, dtype=torch.bool, device=flat.device).scatter_(1, flat, True)
     pooled = pool_masked(features, grid_labels, num_ids).transpose(1, 2)  # [B,C,N] -> [B,N,C]
     return pooled, present
 

@@ -61,14 +61,15 @@ def test_single_superpixel_image_is_bad_input(tmp_path):
     assert [p.name for p in report.good] == ["ok.png"] and "flat.png" in report.bad[0][0]
 
 
+@pytest.mark.parametrize("augment_on", ["worker", "device"])
 @pytest.mark.parametrize("mode", ["patch", "pooled"])
-def test_samples_depend_only_on_seed_epoch_index(tmp_path, mode):
+def test_samples_depend_only_on_seed_epoch_index(tmp_path, mode, augment_on):
     for i in range(3):
         photo(tmp_path / f"{i}.png", seed=i)
-    cfg = cfg_for(tmp_path, f"loss.local_mode={mode}")
+    cfg = cfg_for(tmp_path, f"loss.local_mode={mode}", "data.canvas_side=64")
     report = prepare_images(cfg, tmp_path, tmp_path / "cache", progress=False)
-    a = PretrainImages(report.good, cfg, tmp_path / "cache")
-    b = PretrainImages(report.good, cfg, tmp_path / "cache")
+    a = PretrainImages(report.good, cfg, tmp_path / "cache", augment_on)
+    b = PretrainImages(report.good, cfg, tmp_path / "cache", augment_on)
     torch.manual_seed(123)  # the global RNG must not matter
     first = a[1]
     torch.manual_seed(7)
@@ -77,8 +78,12 @@ def test_samples_depend_only_on_seed_epoch_index(tmp_path, mode):
     for key in first:
         assert torch.equal(first[key], again[key]), key
     b.set_epoch(1)
-    assert not torch.equal(first["view_q"], b[1]["view_q"])  # a new epoch draws new views
-    if mode == "pooled":
+    moved = "view_q" if augment_on == "worker" else "q_box"
+    assert not torch.equal(first[moved], b[1][moved])  # a new epoch draws new views
+    if augment_on == "device":  # the image fits the 64 px canvas unscaled: 96 x 80 -> 64 x 53
+        assert first["canvas"].shape == (3, 64, 64) and first["canvas"].dtype == torch.uint8
+        assert (first["canvas"][:, 54:] == 0).all()
+    elif mode == "pooled":
         assert first["labels_q"].shape == (32, 32) and first["labels_q"].dtype == torch.int64
     else:
         assert first["patch_q"].shape == (3, 32, 32)

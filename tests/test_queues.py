@@ -59,3 +59,19 @@ def test_state_dict_round_trip_is_exact():
 def test_rejects_wrong_dim():
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
         FeatureQueue(8, 4).enqueue(torch.randn(2, 3))
+
+
+def test_valid_masks_across_the_end_match_one_key_at_a_time():
+    size, dim = 10, 3
+    gen = torch.Generator().manual_seed(3)
+    q = FeatureQueue(size, dim, gen)
+    untouched = q.keys.clone()
+    batches, masks = [], []
+    for n in (4, 6, 9, 7):
+        batches.append(F.normalize(torch.randn(n, dim, generator=gen), dim=1))
+        masks.append(torch.rand(n, generator=gen) < 0.6)
+        q.enqueue(batches[-1], masks[-1])
+    ref, ptr = naive_queue(size, dim, [b[m] for b, m in zip(batches, masks)])
+    assert int(q.ptr) == ptr and int(q.filled) == min(sum(int(m.sum()) for m in masks), size)
+    for slot, key in enumerate(ref):
+        torch.testing.assert_close(q.keys[slot], untouched[slot] if key is None else key)
