@@ -17,8 +17,17 @@
    superpixels, views) of ``patch`` and ``pooled`` mode. Target: cached >= 10x faster.
 3. Queue cost: ``info_nce`` forward + backward against a 65,536 x 128 queue plus ``FeatureQueue.enqueue``, for
    the rows each variant enqueues per step, timed alone, as a share of that variant's step. Target: < 2%.
-4. With CUDA: images/s of the three variants on ResNet-50 at 224 px under bf16 autocast (``--gpu-batch``).
-   Without CUDA this part is reported as skipped.
+4. Loader CPU cost per sample (1 thread, as a worker) of each ``data.augment_on`` mode for each variant, on
+   JPEG copies of the images: ``worker`` (decode + PIL views), ``device`` (decode onto the canvas + draw the
+   parameters) and ``device`` with ``decode_on=device`` (read the bytes + draw). Target in device mode: <= 3 ms,
+   so 16 workers feed >= 5,000 images/s.
+5. The device-side augmentation (:class:`pretrain.device_views.DeviceViews`) per batch, as a share of the
+   variant's training step on the same batch (``--arch``, ``--size``, ``--batch``, this machine's device).
+6. With CUDA (``benchmarks/gpu_check.sh``): end to end through the real DataLoader (``--gpu-workers``
+   workers, ``augment_on=device``, ``decode_on=device``), ResNet-50, 224 px, bf16, batch ``--gpu-batch``:
+   images/s per variant, the GPU's busy share (CUDA-event time of the step over wall time) and peak memory.
+   Targets: >= 3,000 images/s for global-only and pooled, >= 2,400 for patch. Without CUDA: skipped, unless
+   ``--e2e-on-cpu`` (a dry run of the same code at the given sizes, to check it before a GPU turn).
 
 Images: scikit-image's bundled photos (``pretrain.data.materialise_builtin``) or every image under ``--images``.
 """
@@ -44,13 +53,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch.utils.data import default_collate
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from common.config import load_config, replace
 from common.images import read_rgb
 from pretrain.config import PretrainConfig
-from pretrain.data import PretrainImages, list_images
-from pretrain.engine import make_optimizer, make_queues, scaled_lr, train_step
+from pretrain.data import PretrainImages, collate_views, list_images
+from pretrain.device_views import DeviceViews
+from pretrain.engine import make_optimizer, make_queues, scaled_lr, to_device, train_step, uses_channels_last
 from pretrain.losses import info_nce
 from pretrain.model import MoCoPrior
 from queues.feature_queue import FeatureQueue
@@ -63,6 +74,8 @@ VARIANTS = {  # name -> loss overrides
     "global + local pooled": ["loss.local_mode=pooled"],
 }
 TARGETS = {"global + local pooled": 1.10, "global + local patch": 1.35}
+DEVICE_LOADER_TARGET_MS = 3.0
+GPU_TARGETS = {"global-only (MoCo-v2)": 3000, "global + local pooled": 3000, "global + local patch": 2400}
 QUEUE_SHARE_TARGET = 0.02
 CACHE_SPEEDUP_TARGET = 10.0
 
@@ -110,7 +123,7 @@ def base_config(args: argparse.Namespace, work: Path, arch: str, size: int, batc
 
 def make_batch(dataset: PretrainImages, batch: int) -> dict[str, torch.Tensor]:
     """One collated batch of real training views (images reused cyclically when there are fewer)."""
-    return default_collate([dataset[i % len(dataset)] for i in range(batch)])
+    return collate_views([dataset[i % len(dataset)] for i in range(batch)])
 
 
 def build_variants(base: PretrainConfig, paths: list[Path], accelerator: Accelerator) -> list[Variant]:
@@ -120,10 +133,10 @@ def build_variants(base: PretrainConfig, paths: list[Path], accelerator: Acceler
         cfg = replace(base, overrides)
         torch.manual_seed(cfg.train.seed)
         model = MoCoPrior(cfg, world_size=accelerator.num_processes)
-        optimizer = make_optimizer(cfg, model, scaled_lr(cfg, cfg.train.batch_size))
+        optimizer = make_optimizer(cfg, model, scaled_lr(cfg, cfg.train.batch_size), accelerator.device)
         model, optimizer = accelerator.prepare(model, optimizer)
         batch = make_batch(PretrainImages(paths, cfg, Path(cfg.superpixels.cache_dir)), cfg.train.batch_size)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device, False)
         variants.append(Variant(name, cfg, model, optimizer, make_queues(cfg, accelerator.device), batch))
     return variants
 
@@ -221,12 +234,122 @@ def loader_times(base: PretrainConfig, paths: list[Path], passes: int) -> dict[s
         torch.set_num_threads(threads)
 
 
-def gpu_throughput(args: argparse.Namespace, work: Path, paths: list[Path], accelerator: Accelerator) -> dict:
-    """Images/s of the three variants on ResNet-50 at 224 px (bf16 autocast from the accelerator)."""
-    base = base_config(args, work, "resnet50", 224, args.gpu_batch)
-    variants = build_variants(base, paths, accelerator)
-    times = time_steps(variants, accelerator, args.steps, args.warmup)
-    return {name: args.gpu_batch / statistics.median(t) for name, t in times.items()}
+def jpeg_copies(paths: list[Path], folder: Path) -> list[Path]:
+    """JPEG (quality 90) copies of ``paths``, for the modes that decode on the device (nvJPEG reads JPEG only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        target = folder / (path.stem + ".jpg")
+        if not target.is_file():
+            Image.fromarray(read_rgb(path)).save(target, quality=90)
+        out.append(target)
+    return out
+
+
+AUGMENT_MODES = {"worker": ["data.augment_on=worker"], "device": ["data.augment_on=device"],
+                 "device + decode on device": ["data.augment_on=device", "data.decode_on=device"]}
+
+
+def loader_modes(base: PretrainConfig, jpegs: list[Path], passes: int) -> dict[str, dict[str, float]]:
+    """Seconds per sample of ``PretrainImages`` in each augment mode, per variant (1 thread, as a worker)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out: dict[str, dict[str, float]] = {}
+        for variant, overrides in VARIANTS.items():
+            for mode, mode_overrides in AUGMENT_MODES.items():
+                cfg = replace(base, overrides + mode_overrides)
+                dataset = PretrainImages(jpegs, cfg, Path(cfg.superpixels.cache_dir), mode_overrides[0].split("=")[1])
+                out.setdefault(variant, {})[mode] = time_per_sample(dataset, passes)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def device_augment_share(base: PretrainConfig, jpegs: list[Path], accelerator: Accelerator,
+                         repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds of ``DeviceViews`` on one batch and of the variant's training step on its output."""
+    out = {}
+    for name, overrides in VARIANTS.items():
+        cfg = replace(base, overrides + ["data.augment_on=device"])
+        torch.manual_seed(cfg.train.seed)
+        model = MoCoPrior(cfg, world_size=accelerator.num_processes)
+        optimizer = make_optimizer(cfg, model, scaled_lr(cfg, cfg.train.batch_size), accelerator.device)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        queues = make_queues(cfg, accelerator.device)
+        raw = to_device(make_batch(PretrainImages(jpegs, cfg, Path(cfg.superpixels.cache_dir), "device"),
+                                   cfg.train.batch_size), accelerator.device, False)
+        views = DeviceViews(cfg, accelerator.device)
+        aug, step = [], []
+        for i in range(repeats + 1):
+            synchronize(accelerator.device)
+            start = time.perf_counter()
+            batch = to_device(views(raw), accelerator.device, False)
+            synchronize(accelerator.device)
+            middle = time.perf_counter()
+            train_step(model, queues, batch, optimizer, accelerator, cfg)
+            synchronize(accelerator.device)
+            if i:  # the first round warms up
+                aug.append(middle - start)
+                step.append(time.perf_counter() - middle)
+        out[name] = {"augment_s": statistics.median(aug), "step_s": statistics.median(step)}
+    return out
+
+
+def end_to_end(args: argparse.Namespace, work: Path, jpegs: list[Path], accelerator: Accelerator) -> dict:
+    """Images/s, GPU busy share and peak memory through the real loader, device views and training step.
+
+    The dataset repeats the images so an epoch outlasts the run; every sample still gets its own views.
+    """
+    cuda = accelerator.device.type == "cuda"
+    base = replace(base_config(args, work, args.e2e_arch, args.e2e_size, args.gpu_batch),
+                   ["data.augment_on=device", f"data.decode_on={'device' if cuda else 'worker'}",
+                    f"data.num_workers={args.gpu_workers}"])
+    out = {}
+    for name, overrides in VARIANTS.items():
+        cfg = replace(base, overrides)
+        torch.manual_seed(cfg.train.seed)
+        model = MoCoPrior(cfg, world_size=accelerator.num_processes)
+        channels_last = uses_channels_last(cfg, accelerator.device, model.bn_mode)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(cfg, model, scaled_lr(cfg, cfg.train.batch_size), accelerator.device)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        queues = make_queues(cfg, accelerator.device)
+        steps = args.warmup + args.steps
+        repeats = math.ceil(steps * cfg.train.batch_size / len(jpegs)) + 1
+        dataset = PretrainImages(jpegs * repeats, cfg, Path(cfg.superpixels.cache_dir), "device")
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                            num_workers=args.gpu_workers, pin_memory=cuda, collate_fn=collate_views,
+                            persistent_workers=False, prefetch_factor=4 if args.gpu_workers else None)
+        views = DeviceViews(cfg, accelerator.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # read after the run: no sync per step
+        start = None
+        for i, batch in enumerate(loader):
+            if i == args.warmup:
+                synchronize(accelerator.device)
+                start = time.perf_counter()
+            if i == steps:
+                break
+            timed = cuda and i >= args.warmup
+            if timed:
+                events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                events[-1][0].record()
+            batch = to_device(views(to_device(batch, accelerator.device, channels_last)), accelerator.device,
+                              channels_last)
+            train_step(model, queues, batch, optimizer, accelerator, cfg)
+            if timed:
+                events[-1][1].record()
+        synchronize(accelerator.device)
+        wall = time.perf_counter() - start
+        busy = sum(a.elapsed_time(b) for a, b in events) / 1000
+        out[name] = {"images_per_s": args.steps * cfg.train.batch_size / wall,
+                     "gpu_busy_share": busy / wall if cuda else None,
+                     "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        del model, optimizer, queues, loader
+    return out
 
 
 def cpu_name() -> str:
@@ -302,13 +425,40 @@ def run(args: argparse.Namespace) -> dict:
           f"n_segments {base.superpixels.n_segments}, original resolution)\n")
     print(table(["part", "cached", "on the fly", "speed-up", "target >= 10x"], rows))
 
-    if cuda:
-        results["gpu_images_per_s"] = gpu_throughput(args, work, paths, accelerator)
-        print(f"\nCUDA ({torch.cuda.get_device_name()}): ResNet-50, 224 px, bf16 autocast, batch {args.gpu_batch}\n")
-        print(table(["variant", "images/s"], [[n, f"{v:.0f}"] for n, v in results["gpu_images_per_s"].items()]))
+    jpegs = jpeg_copies(paths, work / "jpeg")
+    precompute([str(p) for p in jpegs], base.superpixels, base.superpixels.cache_dir, workers=0, on_bad_image="skip",
+               progress=False)
+    modes = loader_modes(base, jpegs, args.loader_passes)
+    results["loader_modes_s_per_sample"] = modes
+    names = list(AUGMENT_MODES)
+    rows = [[variant] + [f"{1000 * t[m]:.2f}" for m in names] +
+            [verdict(all(t[m] * 1000 <= DEVICE_LOADER_TARGET_MS for m in names[1:]))] for variant, t in modes.items()]
+    print("\nLoader CPU ms per sample by data.augment_on (1 thread, as a worker; JPEG copies of the images)\n")
+    print(table(["variant"] + names + [f"device modes <= {DEVICE_LOADER_TARGET_MS:.0f} ms"], rows))
+
+    share = device_augment_share(base, jpegs, accelerator, args.steps)
+    results["device_augment"] = share
+    rows = [[n, f"{1000 * t['augment_s']:.1f}", f"{1000 * t['step_s']:.0f}",
+             f"{100 * t['augment_s'] / t['step_s']:.1f}%"] for n, t in share.items()]
+    print(f"\nDevice-side views (DeviceViews) per batch of {base.train.batch_size} on {accelerator.device}, against "
+          f"the {base.model.arch} training step on the same batch\n")
+    print(table(["variant", "views ms", "step ms", "views / step"], rows))
+
+    if cuda or args.e2e_on_cpu:
+        e2e = end_to_end(args, work, jpegs, accelerator)
+        results["end_to_end"] = e2e
+        where = torch.cuda.get_device_name() if cuda else "CPU (dry run)"
+        print(f"\nEnd to end on {where}: {args.e2e_arch}, {args.e2e_size} px, "
+              f"{'bf16' if cuda else 'fp32'}, batch {args.gpu_batch}, {args.gpu_workers} loader workers\n")
+        rows = [[n, f"{t['images_per_s']:.0f}",
+                 f">= {GPU_TARGETS[n]}: {verdict(t['images_per_s'] >= GPU_TARGETS[n])}" if cuda else "-",
+                 "-" if t["gpu_busy_share"] is None else f"{100 * t['gpu_busy_share']:.0f}%",
+                 "-" if t["peak_memory_gib"] is None else f"{t['peak_memory_gib']:.1f}"] for n, t in e2e.items()]
+        print(table(["variant", "images/s", "target", "GPU busy", "peak GiB"], rows))
     else:
-        results["gpu_images_per_s"] = None
-        print("\nCUDA not available: ResNet-50 / 224 px / bf16 throughput skipped.")
+        results["end_to_end"] = None
+        print("\nCUDA not available: the end-to-end ResNet-50 / 224 px / bf16 part was skipped "
+              "(benchmarks/gpu_check.sh runs it on a GPU).")
     load_end = os.getloadavg()[0]
     print(f"\nload average at start {load_start:.2f}, at end {load_end:.2f} (other processes share these cores)")
     results["environment"] = {"torch": torch.__version__, "cpu": cpu_name(), "cores": os.cpu_count(),
@@ -325,7 +475,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--loader-passes", type=int, default=3, help="passes over the images per loader timing")
-    parser.add_argument("--gpu-batch", type=int, default=64, help="batch of the CUDA ResNet-50 throughput part")
+    parser.add_argument("--gpu-batch", type=int, default=256, help="batch of the end-to-end part")
+    parser.add_argument("--gpu-workers", type=int, default=16, help="loader workers of the end-to-end part")
+    parser.add_argument("--e2e-arch", default="resnet50", choices=["resnet18", "resnet50", "mobilenet_v2"])
+    parser.add_argument("--e2e-size", type=int, default=224, help="view side of the end-to-end part")
+    parser.add_argument("--e2e-on-cpu", action="store_true", help="run the end-to-end part without CUDA (dry run)")
     parser.add_argument("--images", default="", help="image folder (default: scikit-image's sample photos)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for the steps (0: torch's default)")
     parser.add_argument("--work-dir", default="", help="where images and the superpixel cache go (default: temp)")

@@ -147,9 +147,9 @@ class TrainConfig:
     mixed_precision: Literal["launcher", "no", "bf16", "fp16"] = field(
         "launcher", help="autocast through accelerate: launcher = what `accelerate launch --mixed_precision` (or its "
                          "config) says; bf16 on Ampere / Hopper GPUs; the InfoNCE logits and the queues stay float32")
-    channels_last: Literal["auto", "on", "off"] = field(
-        "auto", help="NHWC memory format for the encoders and the views (faster convolutions on tensor cores); "
-                     "auto: on with CUDA")
+    memory_format: Literal["auto", "channels_last", "contiguous"] = field(
+        "auto", help="channels_last (NHWC) for the encoders and the views: faster convolutions on tensor cores; "
+                     "auto: channels_last with CUDA unless BatchNorm is split (one process), which needs NCHW")
     compile: bool = field(False, help="torch.compile the two encoders (in place: checkpoints keep their keys)")
 
     def validate(self) -> None:

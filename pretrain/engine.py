@@ -69,9 +69,17 @@ def resolve_augment_on(cfg: PretrainConfig, device: torch.device) -> str:
     return "device" if device.type == "cuda" else "worker"
 
 
-def uses_channels_last(cfg: PretrainConfig, device: torch.device) -> bool:
-    """``train.channels_last`` with ``auto`` decided (on with CUDA)."""
-    return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+def uses_channels_last(cfg: PretrainConfig, device: torch.device, bn_mode: str) -> bool:
+    """``train.memory_format`` with ``auto`` decided: channels_last with CUDA, unless BatchNorm is split.
+
+    lightly's SplitBatchNorm (one process) views each batch as ``[B / splits, C * splits, H, W]``, which an NHWC
+    tensor cannot be viewed as; with several processes (shuffle BN) BatchNorm is plain and NHWC works.
+    """
+    fmt = cfg.train.memory_format
+    if fmt == "channels_last" and bn_mode == "split":
+        raise ValueError("train.memory_format=channels_last cannot run with split BatchNorm (model.bn_mode=split, or "
+                         "auto on one process): use train.memory_format=auto, or several processes (shuffle BN)")
+    return fmt == "channels_last" or (fmt == "auto" and device.type == "cuda" and bn_mode != "split")
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
@@ -160,7 +168,6 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
     """Pretrain the prior extractor on ``image_paths``; returns the final step and checkpoint folder."""
     device = accelerator.device
     augment_on = resolve_augment_on(cfg, device)
-    channels_last = uses_channels_last(cfg, device)
     dataset = PretrainImages(image_paths, cfg, cache_dir, augment_on)
     views = DeviceViews(cfg, device) if augment_on == "device" else None
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -178,6 +185,7 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
     model = MoCoPrior(cfg, world_size=world)
+    channels_last = uses_channels_last(cfg, device, model.bn_mode)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:  # in place, so parameter names (and checkpoints) stay those of the eager model

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from PIL import Image
 from scipy.ndimage import maximum_filter, minimum_filter
 from scipy.stats import ks_2samp
@@ -23,6 +25,8 @@ from common.config import load_config
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainImages, collate_views, labels_to_canvas, prepare_images
 from pretrain.device_views import DeviceViews, canvas_size, decode_to_canvas
+from pretrain.engine import make_optimizer, make_queues, to_device, train_step, uses_channels_last
+from pretrain.model import MoCoPrior
 from pretrain.view_params import crop_params, photometric_params, sample_rng, view_params
 from superpixels.transforms import PhotometricConfig
 
@@ -218,30 +222,85 @@ def photos(root: Path, count: int = 4) -> None:
         Image.fromarray(img).save(root / f"{i}.jpg", quality=95)
 
 
-@pytest.mark.parametrize("local", ["local_weight=0", "local_mode=patch", "local_mode=pooled"])
-def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, local):
-    from accelerate import Accelerator
-
-    from pretrain.engine import make_optimizer, make_queues, to_device, train_step
-    from pretrain.model import MoCoPrior
-
-    photos(tmp_path)
+def tiny_run(root: Path, *extra: str) -> tuple[PretrainConfig, list[Path]]:
+    """A tiny stage-1 config over four JPEGs in ``root``, and its prepared images."""
+    photos(root)
     cfg = load_config(PretrainConfig, None, [
-        "data.source=folder", f"data.root={tmp_path}", "data.min_image_side=32", "data.canvas_side=96",
-        "data.decode_on=device", "superpixels.workers=0", "aug.global_size=32", "aug.local_size=32",
+        "data.source=folder", f"data.root={root}", "data.min_image_side=32", "data.canvas_side=96",
+        "superpixels.workers=0", "aug.global_size=32", "aug.local_size=32",
         "model.arch=resnet18", "model.head_hidden_dim=32", "model.out_dim=8", "model.split_bn_splits=2",
-        "queue.global_size=64", "queue.local_size=64", "train.batch_size=4", f"loss.{local}"])
-    report = prepare_images(cfg, tmp_path, tmp_path / "cache", progress=False)
-    dataset = PretrainImages(report.good, cfg, tmp_path / "cache", "device")
+        "queue.global_size=64", "queue.local_size=64", "train.batch_size=4", *extra])
+    return cfg, prepare_images(cfg, root, root / "cache", progress=False).good
+
+
+@pytest.mark.parametrize("augment_on", ["worker", "device"])
+@pytest.mark.parametrize("local", ["local_weight=0", "local_mode=patch", "local_mode=pooled"])
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, local, augment_on):
+    cfg, images = tiny_run(tmp_path, f"loss.{local}", "data.decode_on=device")
+    dataset = PretrainImages(images, cfg, tmp_path / "cache", augment_on)
     accelerator = Accelerator(cpu=True)
     model = MoCoPrior(cfg)
     optimizer = make_optimizer(cfg, model, 0.01, accelerator.device)
     queues = make_queues(cfg, accelerator.device)
-    views = DeviceViews(cfg, accelerator.device)
+    views = DeviceViews(cfg, accelerator.device) if augment_on == "device" else None
     for step in range(2):  # the second step also writes across queue slots already filled
         batch = collate_views([dataset[i] for i in range(4)])
         with HostReads() as reads:
-            batch = to_device(views(to_device(batch, accelerator.device, False)), accelerator.device, False)
+            batch = to_device(batch, accelerator.device, False)
+            if views is not None:
+                batch = to_device(views(batch), accelerator.device, False)
             scalars, loss = train_step(model, queues, batch, optimizer, accelerator, cfg)
         assert reads.seen == [], f"step {step} read {reads.seen} back to the host"
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in scalars.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# compile, bf16, channels_last
+
+
+def one_step_loss(cfg: PretrainConfig, images: list[Path], cache: Path, mixed_precision: str = "no",
+                  compiled: bool = False, channels_last: bool = False) -> tuple[float, dict]:
+    """The total loss of the first training step from a fixed seed, and the queues after it."""
+    torch.manual_seed(0)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new precision needs a new state
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    model = MoCoPrior(cfg)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compiled:
+        model.query_encoder.compile()
+        model.key_encoder.compile()
+    optimizer = make_optimizer(cfg, model, 0.01, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    queues = make_queues(cfg, accelerator.device)
+    batch = collate_views([PretrainImages(images, cfg, cache, "device")[i] for i in range(4)])
+    batch = to_device(DeviceViews(cfg, accelerator.device)(batch), accelerator.device, channels_last)
+    torch.manual_seed(1)  # the key shuffle
+    _, loss = train_step(model, queues, batch, optimizer, accelerator, cfg)
+    return float(loss), queues
+
+
+@pytest.mark.slow
+def test_compiled_encoders_give_the_eager_loss_on_a_cpu_step(tmp_path):
+    cfg, images = tiny_run(tmp_path, "loss.local_mode=pooled")
+    eager, _ = one_step_loss(cfg, images, tmp_path / "cache")
+    compiled, _ = one_step_loss(cfg, images, tmp_path / "cache", compiled=True)
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-4)
+
+
+def test_bf16_autocast_and_channels_last_train_with_float32_queues(tmp_path):
+
+    # channels_last needs plain BatchNorm (several processes use shuffle BN; one uses lightly's split BN)
+    cfg, images = tiny_run(tmp_path, "loss.local_mode=patch", "model.bn_mode=plain")
+    eager, _ = one_step_loss(cfg, images, tmp_path / "cache")
+    nhwc, _ = one_step_loss(cfg, images, tmp_path / "cache", channels_last=True)
+    assert nhwc == pytest.approx(eager, rel=1e-4)  # a memory layout, not a different computation
+    bf16, queues = one_step_loss(cfg, images, tmp_path / "cache", mixed_precision="bf16")
+    assert bf16 == pytest.approx(eager, rel=0.05)  # bf16 keeps 8 bits of mantissa
+    assert all(q.keys.dtype == torch.float32 for q in queues.values())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    split, _ = tiny_run(tmp_path, "train.memory_format=channels_last")
+    with pytest.raises(ValueError, match="channels_last cannot run with split BatchNorm"):
+        uses_channels_last(split, torch.device("cpu"), "split")
+    assert not uses_channels_last(cfg, torch.device("cuda"), "split") and uses_channels_last(cfg, torch.device("cuda"),
+                                                                                             "shuffle")

@@ -120,9 +120,11 @@ def test_two_process_gloo_ranks_hold_identical_queues(shared_dirs, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted_run(shared_dirs, tmp_path):
+@pytest.mark.parametrize("views", [[], ["data.augment_on=device", "loss.local_mode=pooled", "data.canvas_side=128"]],
+                         ids=["worker", "device-pooled"])
+def test_kill_and_resume_equals_uninterrupted_run(shared_dirs, tmp_path, views):
     common = ["train.max_steps=8", "train.checkpoint_every=2", "train.deterministic=true",
-              "train.export_at_end=false", "train.keep_last=0"]
+              "train.export_at_end=false", "train.keep_last=0", *views]
     launch(tiny_overrides(shared_dirs, tmp_path / "a", *common))
 
     killed = launch(tiny_overrides(shared_dirs, tmp_path / "b", *common), wait=False)
