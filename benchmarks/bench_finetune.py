@@ -1,11 +1,14 @@
 """Stage-2 speed: evaluation episodes/s, training s/step, and the head's cost on top of the frozen backbones.
 
     python benchmarks/bench_finetune.py [--sizes 97 473] [--arch resnet50] [--steps 3] [--batch 4]
+        [--eval-batch 16] [--json results.json]
 
 For each input size it times, on synthetic tensors (data loading excluded):
   - eval: one 1-shot episode forward (batch 1, eval mode, no grad) -> episodes/s;
   - the three frozen backbone passes of that episode alone (query trunk, support trunk with masked layer4,
     prior trunk) -> the share the head, the two region maps and the FEM decoder add (target: <= 40%);
+  - batched eval: ``--eval-batch`` 1-shot episodes in one forward (``eval.batch_size``, which gives the same
+    numbers as 1, tests/test_eval_batch.py) -> episodes/s (target on one H100/H200 at 473 px, bf16: >= 100);
   - train: one SGD step (forward + backward + update) at ``--batch`` episodes -> s/step.
 On a CUDA machine it also runs bf16 autocast and reports peak memory; on CPU that part is skipped.
 """
@@ -13,6 +16,7 @@ On a CUDA machine it also runs bf16 autocast and reports peak memory; on CPU tha
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -38,7 +42,8 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def bench_size(arch: str, size: int, steps: int, batch: int, device: torch.device, amp: bool) -> dict[str, float]:
+def bench_size(arch: str, size: int, steps: int, batch: int, device: torch.device, amp: bool,
+               eval_batch: int = 16) -> dict[str, float]:
     bins = "[60,30,15,8]" if size == 473 else "[1.0,0.5,0.25,0.125]"
     cfg = load_config(FinetuneConfig, None, [f"model.backbone={arch}", "model.backbone_weights=random",
                                              "model.prior=random", f"model.bins={bins}"])
@@ -66,6 +71,8 @@ def bench_size(arch: str, size: int, steps: int, batch: int, device: torch.devic
             model.backbone.run_layer4(s3 * mask)
             model.prior(q)
         trunks = timed(backbones, steps, device)
+        qe, se, me, _ = episode(eval_batch)
+        batched = timed(lambda: model(qe, se, me), steps, device)
 
     model.train()
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9)
@@ -81,7 +88,8 @@ def bench_size(arch: str, size: int, steps: int, batch: int, device: torch.devic
         torch.cuda.reset_peak_memory_stats()
     train_s = timed(step, steps, device)
     out = {"size": size, "eval_episode_s": full, "episodes_per_s": 1 / full, "backbones_s": trunks,
-           "head_share": (full - trunks) / trunks, "train_s_per_step": train_s}
+           "head_share": (full - trunks) / trunks, "train_s_per_step": train_s, "eval_batch": eval_batch,
+           "batched_episodes_per_s": eval_batch / batched}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -93,7 +101,10 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet101", "mobilenet_v2"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4, help="training episodes per step")
+    parser.add_argument("--eval-batch", type=int, default=16, help="episodes per forward of the batched eval")
+    parser.add_argument("--json", default="", help="also write the numbers here")
     args = parser.parse_args()
+    results = []
     torch.manual_seed(0)
     runs = [("cpu" if not torch.cuda.is_available() else "cuda", False)]
     if torch.cuda.is_available():
@@ -101,18 +112,23 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, arch {args.arch} (+ ResNet-50 prior), "
           f"1-shot, train batch {args.batch}")
     print("| device | precision | size | eval s/episode | episodes/s | 3 backbone passes s | head+maps+FEM share "
-          "(target <= 40%) | train s/step |" + (" peak GiB |" if torch.cuda.is_available() else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if torch.cuda.is_available() else ""))
+          f"(target <= 40%) | episodes/s, batch {args.eval_batch} | train s/step |" +
+          (" peak GiB |" if torch.cuda.is_available() else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if torch.cuda.is_available() else ""))
     for dev, amp in runs:
         for size in args.sizes:
-            r = bench_size(args.arch, size, args.steps, args.batch, torch.device(dev), amp)
+            r = bench_size(args.arch, size, args.steps, args.batch, torch.device(dev), amp, args.eval_batch)
+            results.append({"device": dev, "precision": "bf16" if amp else "fp32", **r})
             extra = f" {r['peak_mem_gib']:.1f} |" if "peak_mem_gib" in r else ""
             verdict = "met" if r["head_share"] <= 0.40 else "MISSED"
             print(f"| {dev} | {'bf16' if amp else 'fp32'} | {size} | {r['eval_episode_s']:.3f} | "
                   f"{r['episodes_per_s']:.2f} | {r['backbones_s']:.3f} | {100 * r['head_share']:.0f}% ({verdict}) | "
-                  f"{r['train_s_per_step']:.2f} |{extra}")
+                  f"{r['batched_episodes_per_s']:.2f} | {r['train_s_per_step']:.2f} |{extra}")
     if not torch.cuda.is_available():
         print("no CUDA device: the mixed-precision / peak-memory rows were not measured")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"torch": torch.__version__, "arch": args.arch, "runs": results}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader
 from common.config import load_config, replace
 from common.images import read_rgb
 from pretrain.config import PretrainConfig
-from pretrain.data import PretrainImages, collate_views, list_images
+from pretrain.data import PretrainImages, collate_views, source_images
 from pretrain.device_views import DeviceViews
 from pretrain.engine import make_optimizer, make_queues, scaled_lr, to_device, train_step, uses_channels_last
 from pretrain.losses import info_nce
@@ -385,7 +385,7 @@ def run(args: argparse.Namespace) -> dict:
           f"batch {base.train.batch_size}, queues {base.queue.global_size} x {base.model.out_dim}, "
           f"{args.steps} timed steps after {args.warmup} warm-up\n")
 
-    paths = list_images(base, work)
+    paths = source_images(base, work)
     report = precompute([str(p) for p in paths], base.superpixels, base.superpixels.cache_dir, workers=0,
                         on_bad_image="skip", progress=False)
     paths = [p for p in paths if str(p) not in report.bad]
