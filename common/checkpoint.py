@@ -72,6 +72,7 @@ RESUME_KEY_SOURCES = {
     "arch": "model.arch",
     "steps_per_epoch": "images per epoch / global batch",
     "total_steps": "train.max_steps, or train.epochs x steps per epoch",
+    "augment_on": "data.augment_on (auto: device on CUDA, worker on CPU)",
 }
 
 

@@ -242,7 +242,7 @@ def train(cfg: PretrainConfig, accelerator: Accelerator, run_dir: Path, image_pa
                     accelerator, run_dir, step, queue_tensors(queues),
                     {"step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                      "world_size": world, "global_batch": global_batch, "arch": cfg.model.arch,
-                     "queue_digests_per_rank": digests},
+                     "augment_on": augment_on, "queue_digests_per_rank": digests},
                     keep_last=cfg.train.keep_last)
             if step >= total_steps:
                 break

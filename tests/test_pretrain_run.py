@@ -138,3 +138,6 @@ def test_kill_and_resume_equals_uninterrupted_run(shared_dirs, tmp_path, views):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    # the mode is recorded, so a resume in the other mode is refused rather than silently continued
+    state = json.loads((final_b / "train_state.json").read_text())
+    assert state["augment_on"] == ("device" if views else "worker")
