@@ -164,8 +164,9 @@ class TextGuidance(nn.Module):
             DataError: a name without a caption, naming the file.
         """
         if class_names is None:
-            raise ValueError("model.text_guidance needs the supports' class names (class_names=[...]); "
-                             "this call gave none")
+            raise ValueError("model.text_guidance needs the supports' class names (class_names=[...]); this call "
+                             "gave none (finetune.predict and the app do not pass class names yet: use a run "
+                             "without text guidance there)")
         missing = self.missing(class_names)
         if missing:
             raise DataError(f"{self.embeddings.path}: no caption for class {missing[0]!r}; add it to a captions "
