@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -149,6 +150,15 @@ class CrossDomainBenchmark(FewShotBenchmark):
         if class_id not in self.query_classes(sample.key):
             raise ValueError(f"{self.name}: sample {sample.key} is not annotated for class {class_id}")
         return read_pair(sample)
+
+    def class_pair(self, sample: Sample, class_id: int,
+                   read_classes: Callable[[str], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Image and ``read_classes(mask_path) == class_id`` for benchmarks whose masks hold several classes."""
+        if class_id not in self.query_classes(sample.key):
+            raise ValueError(f"{self.name}: sample {sample.key} is not annotated for class {class_id}")
+        image, classes = read_rgb(sample.image_path), read_classes(sample.mask_path)
+        check_same_size(image, classes, sample.image_path, sample.mask_path)
+        return image, (classes == class_id).astype(np.uint8)
 
     def foreground_pixels(self, sample: Sample) -> int:
         """Number of foreground pixels of the sample's mask (reads the mask only)."""
@@ -354,11 +364,7 @@ class ChaosMri(CrossDomainBenchmark):
 
     def load(self, sample: Sample, class_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Image ``[H, W, 3]`` uint8 RGB (the grey slice) and mask ``[H, W]`` in {0, 1} (1 = the organ)."""
-        if class_id not in self.query_classes(sample.key):
-            raise ValueError(f"{self.name}: sample {sample.key} is not annotated for class {class_id}")
-        image, label = read_rgb(sample.image_path), read_label(sample.mask_path)
-        check_same_size(image, label, sample.image_path, sample.mask_path)
-        return image, (label == class_id).astype(np.uint8)
+        return self.class_pair(sample, class_id, read_label)
 
     def foreground_pixels(self, sample: Sample) -> int:
         """Pixels of any organ in the slice's label map."""
@@ -409,11 +415,7 @@ class Suim(CrossDomainBenchmark):
 
     def load(self, sample: Sample, class_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Image ``[H, W, 3]`` uint8 RGB and mask ``[H, W]`` in {0, 1} (1 = pixels of ``class_id``'s colour)."""
-        if class_id not in self.query_classes(sample.key):
-            raise ValueError(f"{self.name}: sample {sample.key} is not annotated for class {class_id}")
-        image, codes = read_rgb(sample.image_path), suim_codes(sample.mask_path)
-        check_same_size(image, codes, sample.image_path, sample.mask_path)
-        return image, (codes == class_id).astype(np.uint8)
+        return self.class_pair(sample, class_id, suim_codes)
 
     def foreground_pixels(self, sample: Sample) -> int:
         """Pixels that are not background waterbody."""
