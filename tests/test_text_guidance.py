@@ -223,3 +223,19 @@ def test_text_guided_configs_load(name):
     cfg = load_config(FinetuneConfig, REPO / f"configs/finetune/{name}.yaml")
     assert cfg.model.text_guidance.endswith("_minilm.safetensors") and cfg.model.text_alpha == 0.7
     assert cfg.data.fold == "all" and (cfg.data.train_size == 401) == name.startswith("pascal")
+
+
+def test_predict_names_the_supports_class_for_a_text_guided_run(synthetic_text):
+    import numpy as np
+
+    from finetune.predict import Segmenter
+
+    model = build_method(model_cfg("method=pfenet", f"text_guidance={synthetic_text}", "text_heads=2"))
+    segmenter = Segmenter(model, size=33)
+    rng = np.random.default_rng(0)
+    support = (rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), (rng.random((40, 40)) > 0.5).astype(np.uint8))
+    with pytest.raises(ValueError, match="--class-name NAME"):
+        segmenter.encode([support])
+    encoded = segmenter.encode([support], class_name=class_specs(12, 0)[0]["name"])
+    prediction = segmenter.predict([rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)], encoded)[0]
+    assert prediction.mask.shape == (30, 50)

@@ -163,10 +163,9 @@ class TextGuidance(nn.Module):
             ValueError: no names given (the caller must pass ``class_names``).
             DataError: a name without a caption, naming the file.
         """
-        if class_names is None:
-            raise ValueError("model.text_guidance needs the supports' class names (class_names=[...]); this call "
-                             "gave none (finetune.predict and the app do not pass class names yet: use a run "
-                             "without text guidance there)")
+        if class_names is None or None in class_names:
+            raise ValueError("model.text_guidance needs the supports' class names (class_names=[...]; "
+                             "finetune.predict: --class-name NAME); this call gave none")
         missing = self.missing(class_names)
         if missing:
             raise DataError(f"{self.embeddings.path}: no caption for class {missing[0]!r}; add it to a captions "
