@@ -167,12 +167,15 @@ def test_text_guided_pfenet_and_qgnet_through_the_registry(synthetic_text):
 
 
 def test_text_guidance_is_refused_where_it_cannot_work(synthetic_text):
-    from common.config import ConfigError
+    from common.config import ConfigError, load_config
+    from finetune.config import FinetuneConfig
 
     with pytest.raises(ConfigError, match="model.text_guidance works with qgnet, pfenet; model.method is 'ssp'"):
         model_cfg("method=ssp", f"text_guidance={synthetic_text}")
     with pytest.raises(ConfigError, match="needs model.head_inputs=features"):
         model_cfg(f"text_guidance={synthetic_text}", "head_inputs=maps")
+    with pytest.raises(ConfigError, match="FS-CS episodes"):
+        load_config(FinetuneConfig, None, [f"model.text_guidance={synthetic_text}", "eval.task=fscs", "eval.way=2"])
 
 
 def test_run_trains_evaluates_and_records_the_text_side(synthetic_text, tmp_path):
