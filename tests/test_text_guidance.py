@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods import model_cfg, tiny
+from test_methods import model_cfg, prior, tiny  # noqa: F401  (prior: a fixture)
 
 from common.errors import DataError, WeightsError
 from fewshot.data.synthetic import class_specs
@@ -178,10 +178,11 @@ def test_text_guidance_is_refused_where_it_cannot_work(synthetic_text):
         load_config(FinetuneConfig, None, [f"model.text_guidance={synthetic_text}", "eval.task=fscs", "eval.way=2"])
 
 
-def test_run_trains_evaluates_and_records_the_text_side(synthetic_text, tmp_path):
+@pytest.mark.parametrize("method", ["pfenet", "qgnet"])
+def test_run_trains_evaluates_and_records_the_text_side(method, prior, synthetic_text, tmp_path):  # noqa: F811
     from finetune.run import main as run_main
 
-    results = run_main(tiny(tmp_path / "data", tmp_path, "model.prior=none", "model.method=pfenet",
+    results = run_main(tiny(tmp_path / "data", tmp_path, f"model.prior={prior}", f"model.method={method}",
                             f"model.text_guidance={synthetic_text}", "model.text_heads=2", "train.max_steps=2",
                             "train.val_every=0", "eval.episodes=2", "eval.vis_episodes=0"))
     text = results["text_guidance"]
