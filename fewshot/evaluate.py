@@ -30,6 +30,7 @@ from fewshot.data.loader import EpisodeDataset, collate
 from fewshot.data.transforms import EvalTransform
 from fewshot.metrics import SegmentationMeter, region_map_recall
 from fewshot.report import results_markdown
+from fewshot.segmenter import class_name_kwargs
 from fewshot.vis import column_titles, episode_row, save_grid
 
 
@@ -181,7 +182,8 @@ def evaluate(model: nn.Module, benchmark: FewShotBenchmark, spec: EvalSpec, seed
             continue
         batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
-            out = model(batch["query"], batch["supports"], batch["support_masks"])
+            out = model(batch["query"], batch["supports"], batch["support_masks"],
+                        **class_name_kwargs(model, benchmark, batch["class_id"]))
         map_names = list(out.maps)
         for i in range(batch["size"]):
             pred, target = prediction_at_label(out.logits[i], batch["query_mask_orig"][i],

@@ -3,13 +3,15 @@
 A segmenter is a callable ``(query [B,3,S,S], supports [B,K,3,S,S], support_masks [B,K,S,S]) ->``
 :class:`SegmenterOutput`. Support masks hold 1 = foreground, 0 = background, 255 = ignore (counted as
 background). Inputs are normalised with ImageNet statistics (``fewshot.data.transforms``); S = 8n+1.
-``finetune.methods`` registers the project's segmenters; anything with this signature can be scored.
+``finetune.methods`` registers the project's segmenters; anything with this signature can be scored. A
+segmenter whose ``reads_class_names`` is true (text guidance) is also given ``class_names=[...]``, the
+episodes' benchmark class names (:func:`class_name_kwargs`); every other one keeps the three-tensor call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -37,3 +39,14 @@ class Segmenter(Protocol):
     """Anything the evaluation core can score (an ``nn.Module`` in practice: it is moved and set to eval)."""
 
     def __call__(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput: ...
+
+
+def class_name_kwargs(model: Any, benchmark: Any, class_ids: Tensor | list[int]) -> dict[str, list[str]]:
+    """``{"class_names": [B names]}`` for a segmenter that reads them (``reads_class_names``), else ``{}``.
+
+    ``benchmark.class_names`` maps the episodes' ``class_ids [B]`` to names (a several-source benchmark's names
+    carry their ``source:`` prefix).
+    """
+    if not getattr(model, "reads_class_names", False):
+        return {}
+    return {"class_names": [str(benchmark.class_names.get(int(c), int(c))) for c in class_ids]}

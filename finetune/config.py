@@ -148,6 +148,9 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.shot < 1:
             raise ValueError(f"shot={self.shot} must be >= 1")
+        if self.model.text_guidance and "fscs" in (self.train.task, self.eval.task):
+            raise ValueError("model.text_guidance reads the episode's class name: FS-CS episodes (train.task / "
+                             "eval.task = fscs) do not pass one")
 
 
 def eval_spec(cfg: FinetuneConfig) -> EvalSpec:

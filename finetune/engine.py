@@ -27,6 +27,7 @@ from fewshot.data.episodes import epoch_episodes
 from fewshot.data.loader import EpisodeDataset, collate
 from fewshot.data.transforms import build_transform
 from fewshot.evaluate import check_skipped, evaluate, to_device
+from fewshot.segmenter import class_name_kwargs
 from finetune.config import FinetuneConfig, eval_spec
 from finetune.fscs import fscs_train_dataset, fscs_train_step, fscs_validate
 from finetune.methods import FewShotMethod
@@ -142,7 +143,8 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
                 if fscs:
                     loss, parts = fscs_train_step(model, batch, tc.labels)
                 else:
-                    out = model(batch["query"], batch["supports"], batch["support_masks"])
+                    out = model(batch["query"], batch["supports"], batch["support_masks"],
+                                **class_name_kwargs(core, train_set, batch["class_id"]))
                     loss, parts = core.loss(out, batch["query_mask"], batch["class_id"])
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)

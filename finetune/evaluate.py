@@ -33,6 +33,7 @@ from fewshot.report import results_table
 from finetune.config import FinetuneConfig, eval_spec
 from finetune.engine import BEST, LAST
 from finetune.methods import FewShotMethod, build_method
+from finetune.model.text_guidance import check_text_classes
 from finetune.support_tuning import SupportTuned
 
 
@@ -111,6 +112,7 @@ def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShot
                    out_dir: Path, checkpoint: str, weights: Path | None = None, source: str = "") -> dict:
     """Evaluate ``model`` (with ``weights`` loaded, if given) on ``benchmark`` with every seed; returns results."""
     model = prepare_evaluation(cfg, accelerator, model, out_dir, weights)
+    text = getattr(model, "text_guidance", None)
     if cfg.eval.support_tuning:
         model = SupportTuned(model, cfg.eval.support_tuning, cfg.eval.support_tuning_lr)
     spec = eval_spec(cfg)
@@ -119,6 +121,7 @@ def run_evaluation(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShot
     meta = {"method": cfg.model.method, "label": cfg.eval.label or cfg.model.method, "benchmark": name,
             "fold": str(cfg.data.fold), "checkpoint": checkpoint,
             **({"support_tuning": cfg.eval.support_tuning} if cfg.eval.support_tuning else {}),
+            **({"text_guidance": text.describe()} if text is not None else {}),
             **({"episodes_file": cfg.eval.episodes_file} if episodes else {})}
     results = evaluate_seeds(model, benchmark, spec, list(cfg.eval.seeds), accelerator, out_dir, meta,
                              cfg.eval.vis_episodes, cfg.eval.recall_thresholds, episodes)
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir = Path(cfg.train.out_dir) / f"{cfg.model.method}_{cfg.data.benchmark}_fold{cfg.data.fold}" / "eval"
     benches = eval_benchmarks(cfg)
     check_eval_splits(cfg, benches)
+    check_text_classes(model, list(benches.values()))
     results = evaluate_all(cfg, accelerator, model, benches, out_dir,
                            str(weights) if weights else "none (training-free)", weights)
     accelerator.end_training()

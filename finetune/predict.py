@@ -282,10 +282,11 @@ class Segmenter:
         self.info = dict(info or {})
 
     @torch.no_grad()
-    def encode(self, supports: Sequence[SupportPair]) -> SupportSet:
+    def encode(self, supports: Sequence[SupportPair], class_name: str | None = None) -> SupportSet:
         """Transform and encode ``[(image [H,W,3] uint8, mask [H,W]), ...]`` once for any number of queries.
 
         Masks: 1 (or True) = foreground, 0 = background, 255 = ignore (what :func:`read_mask` returns).
+        ``class_name``: the supports' class, for a text-guided method (``model.text_guidance``); others ignore it.
 
         Raises:
             ValueError: no support, a malformed array, a size mismatch, or a mask without foreground.
@@ -308,7 +309,8 @@ class Segmenter:
             shapes.append(mask.shape)
         s = torch.stack(images)[None].to(self.device)
         m = torch.stack(masks)[None].to(self.device)
-        return SupportSet(s, m, self.method.encode_supports(s, m), shapes)
+        names = {"class_names": [class_name]} if getattr(self.method, "reads_class_names", False) else {}
+        return SupportSet(s, m, self.method.encode_supports(s, m, **names), shapes)
 
     @torch.no_grad()
     def forward(self, query_images: Sequence[np.ndarray], supports: SupportSet) -> SegmenterOutput:
@@ -589,6 +591,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, str | None]:
     parser.add_argument("--query", action="append", required=True, metavar="IMG_or_FOLDER",
                         help="a query image, or a folder (every image in it, recursively); repeatable")
     parser.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
+    parser.add_argument("--class-name", default=None,
+                        help="the supports' class, for a run with model.text_guidance (a captioned class name)")
     parser.add_argument("--size", type=int, default=None, help="input size S, 8n+1 (default: data.eval_size)")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="foreground where its probability exceeds this (0.5 = the evaluation's argmax)")
@@ -642,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict:
         bar.update(done - bar.n)
 
     t0 = time.perf_counter()
-    support_set = segmenter.encode(supports)
+    support_set = segmenter.encode(supports, args.class_name)
     encoded = time.perf_counter()
     parts: dict[str, float] = {}
     records = run_predict(segmenter, support_set, queries, out_dir, args.threshold, exif, advance, parts)

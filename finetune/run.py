@@ -27,6 +27,7 @@ from finetune.config import FinetuneConfig, eval_spec  # noqa: E402
 from finetune.engine import LAST, train  # noqa: E402
 from finetune.evaluate import check_eval_splits, eval_benchmarks, evaluate_all, init_weights, resolve_weights  # noqa: E402
 from finetune.methods import build_method  # noqa: E402
+from finetune.model.text_guidance import check_text_classes  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO_ROOT / "configs" / "finetune" / "quickstart_cpu.yaml"
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     splits = build_splits(cfg.data, need_train=model.trains, need_val=model.trains and cfg.train.val_every > 0)
     test_sets = eval_benchmarks(cfg, splits)
     check_eval_splits(cfg, test_sets)
+    check_text_classes(model, [splits.train, splits.val, *test_sets.values()])
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else run_dir / "eval"
     if not model.trains:
         accelerator.print(f"{cfg.model.method} is training-free: evaluating it directly")

@@ -36,16 +36,24 @@ class SupportTuned(nn.Module):
             raise ValueError(f"eval.support_tuning: {type(model).__name__} has no trainable parameter to tune")
         self.model, self.steps, self.lr = model, steps, lr
 
-    def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
+    @property
+    def reads_class_names(self) -> bool:
+        """The wrapped method's: a text-guided method gets the class names for its tuning steps too."""
+        return getattr(self.model, "reads_class_names", False)
+
+    def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor,
+                class_names: list[str] | None = None) -> SegmenterOutput:
         """``query [B,3,S,S]``, ``supports [B,K,3,S,S]``, ``support_masks [B,K,S,S]``: each episode tuned alone."""
-        outs = [self._episode(query[b:b + 1], supports[b:b + 1], support_masks[b:b + 1])
+        outs = [self._episode(query[b:b + 1], supports[b:b + 1], support_masks[b:b + 1],
+                              {"class_names": class_names[b:b + 1]} if class_names is not None else {})
                 for b in range(query.shape[0])]
         if len(outs) == 1:
             return outs[0]
         return SegmenterOutput(logits=torch.cat([o.logits for o in outs]),
                                maps={k: torch.cat([o.maps[k] for o in outs]) for k in outs[0].maps})
 
-    def _episode(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
+    def _episode(self, query: Tensor, supports: Tensor, support_masks: Tensor,
+                 names: dict[str, list[str]]) -> SegmenterOutput:
         params = list(self.model.trainable_parameters())
         saved = [p.detach().clone() for p in params]
         optimizer = torch.optim.Adam(params, lr=self.lr)
@@ -62,13 +70,13 @@ class SupportTuned(nn.Module):
                     rest = [j for j in range(k) if j != i]
                     q, target = supports[:, i], support_masks[:, i]
                     s, m = supports[:, rest], support_masks[:, rest]
-                out = self.model(q, s, m)
+                out = self.model(q, s, m, **names)
                 loss = F.cross_entropy(out.logits, target.long(), ignore_index=255)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
         with torch.no_grad():
-            out = self.model(query, supports, support_masks)
+            out = self.model(query, supports, support_masks, **names)
             for p, value in zip(params, saved):  # the next episode starts from the trained weights again
                 p.copy_(value)
         return out

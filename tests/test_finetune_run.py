@@ -34,6 +34,20 @@ def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """Hash-encoded captions of the synthetic classes, for the text-guided (CD-TG) runs."""
+    from fewshot.data.synthetic import class_specs
+    from finetune.tools.embed_text import main as embed_main
+
+    folder = tmp_path_factory.mktemp("text")
+    captions = folder / "synthetic.json"
+    captions.write_text(json.dumps({"background": "the rest", "classes": {
+        s["name"]: f"a {s['texture']} {s['shape']}" for s in class_specs(12, 0)}}))
+    embed_main([str(captions), "--encoder", "hash", "--dim", "12", "--out", str(folder / "text.safetensors")])
+    return folder / "text.safetensors"
+
+
 def overrides(prior: Path, data_root: Path, out: Path, *extra: str) -> list[str]:
     return [f"data.root={data_root}", "data.synthetic_per_class=4", "data.synthetic_size=80",
             "data.train_size=65", "data.eval_size=65", "data.num_workers=0", "model.reduce_dim=16",
@@ -88,8 +102,10 @@ def test_train_and_evaluate_end_to_end(prior, data_root, tmp_path):
     ["model.method=ssp", "model.train_layers=[layer3]"],                 # trained backbone stage
     ["model.method=qsm", "model.adapter=dr"],                            # DR-Adapters: random perturbations, EMA
     ["model.method=ntrenet"],                                            # the prototype bank is state
-], ids=["qgnet", "ssp", "qsm", "ntrenet"])
-def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, tmp_path, method):
+    ["model.method=pfenet", "model.text_guidance=TEXT", "model.text_heads=2"],  # CD-TG: ADaIN draws styles
+], ids=["qgnet", "ssp", "qsm", "ntrenet", "pfenet_text"])
+def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, text_file, tmp_path, method):
+    method = [m.replace("=TEXT", f"={text_file}") for m in method]
     common = ["train.max_steps=8", "train.checkpoint_every=2", "train.deterministic=true", "train.val_every=0",
               "train.keep_last=0", "eval.episodes=2", *method]
     launch(overrides(prior, data_root, tmp_path / "a", *common))

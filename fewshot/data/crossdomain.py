@@ -1,4 +1,5 @@
-"""Cross-domain few-shot benchmarks (CD-FSS, the PATNet protocol): ISIC-2018, Chest X-ray, Deepglobe, Kvasir-SEG.
+"""Cross-domain few-shot benchmarks (CD-FSS, the PATNet protocol): ISIC-2018, Chest X-ray, Deepglobe, Kvasir-SEG,
+and the targets of CD-TG (WBC, CHAOS-MRI) and MMT (SUIM).
 
 Models trained on PASCAL are tested on these target domains directly: 600 episodes per dataset, images
 squashed to 400x400 (``eval.episodes: 600``, ``data.eval_size: 401`` in ``configs/finetune/cdfss_*.yaml``), query
@@ -32,12 +33,30 @@ under ``$FSS_DATA``)::
     Kvasir-SEG/                                  KvasirSeg, 1 class (polyp), 1,000 images
     ├── images/<id>.jpg
     └── masks/<id>.png  (or <id>.jpg, as in the official release)
+
+    segmentation_WBC/                            Wbc, 1 class (white blood cell), 400 images: the public
+    ├── Dataset 1/<NNN>.bmp + <NNN>.png            release (github zxaoyou/segmentation_WBC) as cloned;
+    └── Dataset 2/<NNN>.bmp + <NNN>.png            Dataset 1: 300 images 120x120, Dataset 2: 100 images
+                                                 300x300; masks 0 background, 128 cytoplasm, 255 nucleus
+                                                 (binarised at 128: the whole cell, as CD-TG's loader)
+
+    CHAOS-MRI/                                   ChaosMri, 4 classes (1 liver, 2 right kidney, 3 left kidney,
+    ├── images/<patient>_<seq>_<slice>.png         4 spleen): MRI slices written by `python -m
+    ├── labels/<patient>_<seq>_<slice>.png         fewshot.tools.prepare_chaos` from the CHAOS training release
+    └── index.csv                                  (20 MR patients; T2SPIR by default); labels are class indices
+
+    SUIM/                                        Suim, 8 classes by the release's RGB code (R,G,B bits, each
+    ├── train_val/images/<id>.jpg + masks/<id>.bmp channel thresholded at 128): 1 background waterbody (000),
+    └── TEST/images/<id>.jpg + masks/<id>.bmp      2 human divers (001), 3 aquatic plants (010), 4 wrecks (011),
+                                                 5 robots (100), 6 reefs (101), 7 fish (110), 8 sea floor
+                                                 (111); 1,525 train_val + 110 TEST images, both indexed
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -131,6 +150,15 @@ class CrossDomainBenchmark(FewShotBenchmark):
         if class_id not in self.query_classes(sample.key):
             raise ValueError(f"{self.name}: sample {sample.key} is not annotated for class {class_id}")
         return read_pair(sample)
+
+    def class_pair(self, sample: Sample, class_id: int,
+                   read_classes: Callable[[str], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Image and ``read_classes(mask_path) == class_id`` for benchmarks whose masks hold several classes."""
+        if class_id not in self.query_classes(sample.key):
+            raise ValueError(f"{self.name}: sample {sample.key} is not annotated for class {class_id}")
+        image, classes = read_rgb(sample.image_path), read_classes(sample.mask_path)
+        check_same_size(image, classes, sample.image_path, sample.mask_path)
+        return image, (classes == class_id).astype(np.uint8)
 
     def foreground_pixels(self, sample: Sample) -> int:
         """Number of foreground pixels of the sample's mask (reads the mask only)."""
@@ -273,3 +301,126 @@ CROSS_DOMAIN: dict[str, type[CrossDomainBenchmark]] = {
     "deepglobe": Deepglobe,
     "kvasir": KvasirSeg,
 }
+
+
+class Wbc(CrossDomainBenchmark):
+    """White blood cells (segmentation_WBC release, CD-TG's WBC target), 1 class; keys ``"Dataset 1/001"``.
+
+    Args:
+        root: the ``segmentation_WBC`` folder (the cloned repository).
+        datasets: the sub-sets indexed (default both; Dataset 1 = 300 images, Dataset 2 = 100).
+    """
+
+    name = "wbc"
+    DEFAULT_SUBDIR = "segmentation_WBC"
+    CLASS_NAMES = {1: "white blood cell"}
+    DATASETS = ("Dataset 1", "Dataset 2")
+    EXPECTED = {"Dataset 1": 300, "Dataset 2": 100}
+
+    def __init__(self, root: str | Path, datasets: tuple[str, ...] = DATASETS) -> None:
+        root = Path(root)
+        samples = []
+        for sub in datasets:
+            images = [p for p in _sorted_files(root / sub, "*") if p.suffix.lower() in (".bmp", ".jpg", ".tif")]
+            for image in images:
+                mask = _pair_or_fail(image, [image.with_suffix(".png")])
+                samples.append(Sample(f"{sub}/{image.stem}", str(image), str(mask)))
+        super().__init__(root, {1: samples}, dict(self.CLASS_NAMES))
+
+
+CHAOS_CLASS_NAMES = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
+
+
+class ChaosMri(CrossDomainBenchmark):
+    """CHAOS abdominal MRI slices (CD-TG's CHAOS-MRI target) after ``fewshot.tools.prepare_chaos``, 4 organs.
+
+    A slice is a sample of every organ its label map shows (``index.csv``: ``key,classes`` with the class ids
+    separated by spaces); the episode mask is that organ (1) against everything else (0).
+    """
+
+    name = "chaos_mri"
+    DEFAULT_SUBDIR = "CHAOS-MRI"
+    CLASS_NAMES = CHAOS_CLASS_NAMES
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        index = root / "index.csv"
+        if not index.is_file():
+            raise DataError(f"{index}: not found; write the slices with `python -m fewshot.tools.prepare_chaos "
+                            f"CHAOS_Train_Sets/Train_Sets/MR --out {root}`")
+        samples: dict[int, list[Sample]] = {c: [] for c in CHAOS_CLASS_NAMES}
+        with index.open(newline="") as handle:
+            for line, row in enumerate(csv.DictReader(handle), start=2):
+                try:
+                    classes = [int(c) for c in row["classes"].split()]
+                except (KeyError, TypeError, ValueError):
+                    raise DataError(f"{index}:{line}: expected 'key,classes' with class ids, got {row}") from None
+                if any(c not in samples for c in classes):
+                    raise DataError(f"{index}:{line}: class ids must be in 1..4, got {row['classes']!r}")
+                image, label = root / "images" / f"{row['key']}.png", root / "labels" / f"{row['key']}.png"
+                for c in classes:
+                    samples[c].append(Sample(row["key"], str(image), str(label)))
+        super().__init__(root, samples, dict(CHAOS_CLASS_NAMES))
+
+    def load(self, sample: Sample, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``[H, W, 3]`` uint8 RGB (the grey slice) and mask ``[H, W]`` in {0, 1} (1 = the organ)."""
+        return self.class_pair(sample, class_id, read_label)
+
+    def foreground_pixels(self, sample: Sample) -> int:
+        """Pixels of any organ in the slice's label map."""
+        return int((read_label(sample.mask_path) > 0).sum())
+
+
+SUIM_CLASS_NAMES = {1: "background waterbody", 2: "human divers", 3: "aquatic plants", 4: "wrecks", 5: "robots",
+                    6: "reefs", 7: "fish", 8: "sea floor"}
+
+
+def suim_codes(path: str | Path) -> np.ndarray:
+    """A SUIM colour mask -> class ids ``[H, W]`` in 1..8: ``1 + 4 R + 2 G + B`` with each channel >= 128."""
+    rgb = read_rgb(path) >= 128
+    return (1 + 4 * rgb[..., 0] + 2 * rgb[..., 1] + rgb[..., 2]).astype(np.uint8)
+
+
+class Suim(CrossDomainBenchmark):
+    """SUIM underwater imagery (MMT's target), 8 colour-coded classes; keys ``"<folder>/<id>"``.
+
+    Indexing reads every mask once (the classes present, at least ``min_pixels`` pixels each).
+
+    Args:
+        root: the ``SUIM`` folder.
+        folders: the release's folders indexed (default ``train_val`` and ``TEST``).
+        min_pixels: the smallest area that makes an image a sample of a class.
+    """
+
+    name = "suim"
+    DEFAULT_SUBDIR = "SUIM"
+    CLASS_NAMES = SUIM_CLASS_NAMES
+    FOLDERS = ("train_val", "TEST")
+
+    def __init__(self, root: str | Path, folders: tuple[str, ...] = FOLDERS, min_pixels: int = 1) -> None:
+        root = Path(root)
+        samples: dict[int, list[Sample]] = {c: [] for c in SUIM_CLASS_NAMES}
+        found = [f for f in folders if (root / f / "images").is_dir()]
+        if not found:
+            raise DataError(f"{root}: none of {', '.join(f + '/images' for f in folders)} was found")
+        for folder in found:
+            for image in _sorted_files(root / folder / "images", "*.jpg"):
+                mask = _pair_or_fail(image, [root / folder / "masks" / f"{image.stem}.bmp",
+                                             root / folder / "masks" / f"{image.stem}.png"])
+                counts = np.bincount(suim_codes(mask).ravel(), minlength=9)
+                for c in SUIM_CLASS_NAMES:
+                    if counts[c] >= max(min_pixels, 1):
+                        samples[c].append(Sample(f"{folder}/{image.stem}", str(image), str(mask)))
+        super().__init__(root, samples, dict(SUIM_CLASS_NAMES))
+
+    def load(self, sample: Sample, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``[H, W, 3]`` uint8 RGB and mask ``[H, W]`` in {0, 1} (1 = pixels of ``class_id``'s colour)."""
+        return self.class_pair(sample, class_id, suim_codes)
+
+    def foreground_pixels(self, sample: Sample) -> int:
+        """Pixels that are not background waterbody."""
+        return int((suim_codes(sample.mask_path) != 1).sum())
+
+
+# the CD-TG and MMT targets beyond PATNet's four (CROSS_DOMAIN); the registry names both sets
+MORE_TARGETS: dict[str, type[CrossDomainBenchmark]] = {"wbc": Wbc, "chaos_mri": ChaosMri, "suim": Suim}

@@ -22,7 +22,8 @@ BENCHMARKS: dict[str, type[FewShotBenchmark]] = {
 }
 
 # Cross-domain targets (PATNet protocol) live in fewshot.data.crossdomain; registered when it is importable.
-CROSS_DOMAIN = {"isic": "Isic2018", "chest_xray": "ChestXray", "deepglobe": "Deepglobe", "kvasir": "KvasirSeg"}
+CROSS_DOMAIN = {"isic": "Isic2018", "chest_xray": "ChestXray", "deepglobe": "Deepglobe", "kvasir": "KvasirSeg",
+                "wbc": "Wbc", "chaos_mri": "ChaosMri", "suim": "Suim"}
 try:
     from fewshot.data import crossdomain as _crossdomain
 except ModuleNotFoundError as err:

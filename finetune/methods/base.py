@@ -30,6 +30,9 @@ ADAPTER_WEIGHT = 2.0  # weight of the DR-Adapters' cyclic statistics loss (DR-Ad
 class FewShotMethod(nn.Module):
     """Base class of the registered methods (see the module docstring for the contract)."""
 
+    # True: forward / encode_supports also take ``class_names`` (B benchmark class names; model.text_guidance)
+    reads_class_names: bool = False
+
     def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
         """Segment B episodes: ``decode(encode_query(query), encode_supports(supports, support_masks))``."""
         return self.decode(self.encode_query(query), self.encode_supports(supports, support_masks))

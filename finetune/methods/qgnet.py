@@ -12,7 +12,10 @@ Registered as ``model.method=qgnet`` (and ``pfenet``: the same network without t
     Mp = prior_region_map(q4, prior l4, down_learn_super, down_learn_unsuper)   [B,1,60,60]
     FEM([Xq, g, Mg, Mp]) -> logits [B,2,60,60] -> bilinear to [B,2,473,473]
 
-With ``prior: none`` the same code is PFENet (FEM input 513 instead of 514 channels).
+With ``prior: none`` the same code is PFENet (FEM input 513 instead of 514 channels). With
+``model.text_guidance`` (CD-TG, :mod:`finetune.model.text_guidance`) each shot's guider is fused with a
+caption-guided prototype of the same bridge features, ``g_i = a * g_i + (1 - a) * gap(unit(bridge_s, text), m_i)``,
+and, while training, the supports' layer2/3 are ADaIN-restyled first; the method then takes ``class_names``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
 from finetune.model.config import ModelConfig
 from finetune.model.fem import FEM
 from finetune.model.region_maps import guided_region_map, minmax_normalize, prior_region_map, projection, weighted_gap
+from finetune.model.text_guidance import TextGuidance, build_text_guidance
 
 
 @dataclass
@@ -93,13 +97,15 @@ class QGNet(FewShotMethod):
         prototype_layer, prototype_scale: the tap (layer2 / layer3) of both cues and the prototype's temperature.
         balanced_loss: foreground and background pixels weigh equally per episode (:func:`balanced_cross_entropy`).
         head_inputs: ``features`` (the reference FEM input) or ``maps`` (the maps alone; no bridge, no guider).
+        text_guidance: the CD-TG plug-in (fuses the guider with caption-guided prototypes), or None.
     """
 
     def __init__(self, backbone: FrozenBackbone, prior: FrozenBackbone | None, bins: list[float],
                  reduce_dim: int = 256, dropout: float = 0.5, paper_literal: bool = False,
                  sim_chunk: int = 0, aux_weight: float = 1.0, extra_maps: list[str] | None = None,
                  residual: str = "none", prototype_layer: str = "layer3",
-                 prototype_scale: float = 20.0, balanced_loss: bool = False, head_inputs: str = "features") -> None:
+                 prototype_scale: float = 20.0, balanced_loss: bool = False, head_inputs: str = "features",
+                 text_guidance: TextGuidance | None = None) -> None:
         super().__init__()
         self.backbone, self.prior, self.sim_chunk, self.aux_weight = backbone, prior, sim_chunk, aux_weight
         self.extra_maps = list(extra_maps or [])
@@ -115,6 +121,9 @@ class QGNet(FewShotMethod):
         bridge_in = backbone.layer2_channels + backbone.layer3_channels
         # with head_inputs=maps nothing reads the bridge or the guider: they are not built (DDP rejects unused weights)
         features = head_inputs == "features"
+        if text_guidance is not None and not features:
+            raise ValueError("model.text_guidance fuses the category guider, which model.head_inputs=maps drops")
+        self.text_guidance = text_guidance
         self.down_query = reduction(bridge_in, reduce_dim, dropout) if features else None
         self.down_supp = reduction(bridge_in, reduce_dim, dropout) if features else None
         self.down_learn_super: nn.Module | None = None
@@ -137,7 +146,13 @@ class QGNet(FewShotMethod):
         """:func:`qgnet_loss` with ``model.aux_weight``."""
         return self.add_adapter_loss(*qgnet_loss(out, target, self.aux_weight, balanced=self.balanced_loss))
 
-    def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
+    @property
+    def reads_class_names(self) -> bool:
+        """With text guidance the supports' class names are an input (``class_names``)."""
+        return self.text_guidance is not None
+
+    def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor,
+                class_names: list[str] | None = None) -> SegmenterOutput:
         """Segment the query's foreground class given k annotated supports.
 
         Args:
@@ -145,12 +160,13 @@ class QGNet(FewShotMethod):
             supports: ``[B,K,3,H,W]``.
             support_masks: ``[B,K,H,W]`` with values {0, 1, 255}; foreground is ``== 1`` (255 counts as
                 background, as in the reference).
+            class_names: the episodes' class names (B), read only with ``model.text_guidance``.
         """
         check_episode_shapes(query, supports, support_masks)
         # this order (query trunk + bridge, then the shots, then the decoder) keeps the reference's order of
         # BatchNorm updates and dropout draws, so training is the same as an unsplit forward
         encoded = self.encode_query(query)
-        return self.decode(encoded, self.encode_supports(supports, support_masks))
+        return self.decode(encoded, self.encode_supports(supports, support_masks, class_names))
 
     def encode_query(self, query: Tensor) -> QueryFeatures:
         """``query [B,3,H,W]`` -> backbone taps, the bridge ``[B,D,h,w]`` and the prior's layer4."""
@@ -159,17 +175,27 @@ class QGNet(FewShotMethod):
         p4 = self.prior(query)[2] if self.prior is not None else None        # [B,C',h,w]
         return QueryFeatures((q2, q3, q4), bridge, p4, tuple(query.shape[-2:]))
 
-    def encode_supports(self, supports: Tensor, support_masks: Tensor) -> SupportFeatures:
+    def encode_supports(self, supports: Tensor, support_masks: Tensor,
+                        class_names: list[str] | None = None) -> SupportFeatures:
         """``supports [B,K,3,H,W]``, ``support_masks [B,K,H,W]`` -> per-shot masked layer4, the category guider
-        (mean over shots) and, when used, the prototype cue; independent of any query (encode once, reuse)."""
+        (mean over shots) and, when used, the prototype cue; independent of any query (encode once, reuse).
+        ``class_names`` (B) are read only with text guidance."""
         masked_l4, prototypes, fg_protos, bg_protos = [], [], [], []
+        text = self.text_guidance
+        rows = text.rows(class_names) if text is not None else None
         for i in range(supports.shape[1]):  # one trunk pass per shot: with train-mode BN, stats are per shot
             s2, s3 = self.backbone.to_layer3(supports[:, i])
+            if text is not None:
+                s2, s3 = text.restyle(s2, s3)                                # ADaIN: training only
             fg = (support_masks[:, i] == 1).unsqueeze(1).float()             # [B,1,H,W]
             mask = F.interpolate(fg, size=s3.shape[-2:], mode="bilinear", align_corners=True)
             masked_l4.append(self.backbone.run_layer4(s3 * mask) * mask)     # [B,C4,h,w]
             if self.down_supp is not None:
-                prototypes.append(weighted_gap(self.down_supp(torch.cat([s3, s2], dim=1)), mask))  # [B,D,1,1]
+                bridge = self.down_supp(torch.cat([s3, s2], dim=1))                                # [B,D,h,w]
+                proto = weighted_gap(bridge, mask)                                                  # [B,D,1,1]
+                if text is not None:
+                    proto = text.fuse(proto, text.prototypes(bridge, mask, rows)[0])
+                prototypes.append(proto)
             if self.uses_support_prototypes:  # the training-free baselines' prototypes (prototype, ssp)
                 tap = s3 if self.prototype_layer == "layer3" else s2
                 bg = F.interpolate((support_masks[:, i] == 0).unsqueeze(1).float(), size=tap.shape[-2:],
@@ -236,9 +262,13 @@ def build_qgnet(cfg: ModelConfig) -> QGNet:
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats,
                               adapter=cfg.adapter)
     prior = None if cfg.prior == "none" else build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats)
-    return QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk,
-                 cfg.aux_weight, cfg.extra_maps, cfg.residual, cfg.prototype_layer, cfg.prototype_scale,
-                 cfg.balanced_loss, cfg.head_inputs)
+    model = QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk,
+                  cfg.aux_weight, cfg.extra_maps, cfg.residual, cfg.prototype_layer, cfg.prototype_scale,
+                  cfg.balanced_loss, cfg.head_inputs)
+    # built after the head, so the head starts from the same random draws with and without text guidance
+    model.text_guidance = build_text_guidance(cfg.text_guidance, cfg.reduce_dim, cfg.text_alpha, cfg.text_heads,
+                                              cfg.text_adain, cfg.text_adain_strength)
+    return model
 
 
 @register("pfenet")

@@ -83,6 +83,16 @@ class ModelConfig:
     prototype_layer: Literal["layer2", "layer3", "layer4", "layer3+layer4"] = field(
         "layer3", help="prototype: the frozen backbone tap the prototypes are pooled on (all at output stride 8)")
     prototype_scale: float = field(20.0, help="prototype: cosine temperature (PANet's 20; the argmax ignores it)")
+    text_guidance: str = field(
+        "", help="CD-TG text guidance (qgnet / pfenet): a text-embedding file of the run's class captions made by "
+                 "`python -m finetune.tools.embed_text CAPTIONS.json ... --out FILE`; support prototypes are fused "
+                 "with caption-guided ones (finetune/model/text_guidance.py); '' = off")
+    text_alpha: float = field(0.7, help="text guidance: weight of the image prototype, P = a*P_img + (1-a)*P_text "
+                                        "(the paper's best: 0.7)")
+    text_heads: int = field(8, help="text guidance: attention heads of the semantic-guided unit (divide reduce_dim)")
+    text_adain: bool = field(True, help="text guidance, training only: restyle support features by AdaIN to a "
+                                        "random medical style (noise / contrast / boundary / low contrast)")
+    text_adain_strength: float = field(0.3, help="text guidance: strength of the ADaIN medical styles")
 
     def validate(self) -> None:
         """Reject combinations that cannot build (raises ValueError naming the key)."""
@@ -111,5 +121,13 @@ class ModelConfig:
             raise ValueError("model.adapter trains DR-Adapters, but model.method=prototype is training-free")
         if self.train_layers and self.method not in ("ssp", "qsm"):
             raise ValueError(f"model.train_layers is an ssp / qsm option; model.method is {self.method!r}")
+        if self.text_guidance:
+            from finetune.model.text_guidance import TEXT_GUIDED_METHODS
+            if self.method not in TEXT_GUIDED_METHODS:
+                raise ValueError(f"model.text_guidance works with {', '.join(TEXT_GUIDED_METHODS)}; "
+                                 f"model.method is {self.method!r}")
+            if self.head_inputs != "features" or not 0.0 <= self.text_alpha <= 1.0 or self.text_heads <= 0:
+                raise ValueError("model.text_guidance fuses the category guider: it needs model.head_inputs="
+                                 "features, model.text_alpha in [0, 1] and model.text_heads > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")

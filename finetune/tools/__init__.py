@@ -1,0 +1,1 @@
+"""Stage-2 preparation commands (``python -m finetune.tools.<name> --help``)."""
