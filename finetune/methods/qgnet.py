@@ -31,6 +31,7 @@ from finetune.methods.ssp import cosine_logits, ssp_match
 from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
 from finetune.model.config import ModelConfig
 from finetune.model.fem import FEM
+from finetune.model.meta_memory import attach_meta_memory
 from finetune.model.region_maps import guided_region_map, minmax_normalize, prior_region_map, projection, weighted_gap
 
 
@@ -52,6 +53,7 @@ class SupportFeatures:
     guide: Tensor | None                  # category guider, mean over shots [B,D,1,1]; None with head_inputs=maps
     fg: Tensor | None = None              # prototype cue, mean over shots [B,C]
     bg: Tensor | None = None
+    guide_bg: Tensor | None = None        # the guider's background twin [B,D,1,1] (meta-memory losses, training)
 
     def expand(self, batch: int) -> SupportFeatures:
         """The same supports for ``batch`` queries (a no-op when the batch already matches)."""
@@ -61,7 +63,8 @@ class SupportFeatures:
         def grow(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.expand(batch, *t.shape[1:])
 
-        return SupportFeatures([grow(t) for t in self.masked_l4], grow(self.guide), grow(self.fg), grow(self.bg))
+        return SupportFeatures([grow(t) for t in self.masked_l4], grow(self.guide), grow(self.fg), grow(self.bg),
+                               grow(self.guide_bg))
 
 
 # query-side cues that can join the FEM's region maps (model.extra_maps), and the maps each one adds
@@ -135,7 +138,8 @@ class QGNet(FewShotMethod):
     def loss(self, out: SegmenterOutput, target: Tensor,
              classes: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`qgnet_loss` with ``model.aux_weight``."""
-        return self.add_adapter_loss(*qgnet_loss(out, target, self.aux_weight, balanced=self.balanced_loss))
+        return self.add_adapter_loss(*qgnet_loss(out, target, self.aux_weight, balanced=self.balanced_loss),
+                                     out, target, classes)
 
     def forward(self, query: Tensor, supports: Tensor, support_masks: Tensor) -> SegmenterOutput:
         """Segment the query's foreground class given k annotated supports.
@@ -162,14 +166,19 @@ class QGNet(FewShotMethod):
     def encode_supports(self, supports: Tensor, support_masks: Tensor) -> SupportFeatures:
         """``supports [B,K,3,H,W]``, ``support_masks [B,K,H,W]`` -> per-shot masked layer4, the category guider
         (mean over shots) and, when used, the prototype cue; independent of any query (encode once, reuse)."""
-        masked_l4, prototypes, fg_protos, bg_protos = [], [], [], []
+        masked_l4, prototypes, fg_protos, bg_protos, bg_guides = [], [], [], [], []
         for i in range(supports.shape[1]):  # one trunk pass per shot: with train-mode BN, stats are per shot
             s2, s3 = self.backbone.to_layer3(supports[:, i])
             fg = (support_masks[:, i] == 1).unsqueeze(1).float()             # [B,1,H,W]
             mask = F.interpolate(fg, size=s3.shape[-2:], mode="bilinear", align_corners=True)
             masked_l4.append(self.backbone.run_layer4(s3 * mask) * mask)     # [B,C4,h,w]
             if self.down_supp is not None:
-                prototypes.append(weighted_gap(self.down_supp(torch.cat([s3, s2], dim=1)), mask))  # [B,D,1,1]
+                reduced = self.down_supp(torch.cat([s3, s2], dim=1))
+                prototypes.append(weighted_gap(reduced, mask))                                     # [B,D,1,1]
+                if self.training and self.backbone.memory is not None:  # the meta-memory's L_pro, L_cont
+                    bg_guides.append(weighted_gap(reduced, F.interpolate(
+                        (support_masks[:, i] == 0).unsqueeze(1).float(), size=s3.shape[-2:], mode="bilinear",
+                        align_corners=True)))
             if self.uses_support_prototypes:  # the training-free baselines' prototypes (prototype, ssp)
                 tap = s3 if self.prototype_layer == "layer3" else s2
                 bg = F.interpolate((support_masks[:, i] == 0).unsqueeze(1).float(), size=tap.shape[-2:],
@@ -178,7 +187,8 @@ class QGNet(FewShotMethod):
                 bg_protos.append(masked_average(tap, bg))
         cue = (torch.stack(fg_protos).mean(0), torch.stack(bg_protos).mean(0)) if fg_protos else (None, None)
         guide = torch.stack(prototypes).mean(dim=0) if prototypes else None
-        return SupportFeatures(masked_l4, guide, *cue)
+        guide_bg = torch.stack(bg_guides).mean(dim=0) if bg_guides else None
+        return SupportFeatures(masked_l4, guide, *cue, guide_bg)
 
     def decode(self, query: QueryFeatures, supports: SupportFeatures) -> SegmenterOutput:
         """Region maps, FEM and logits ``[B,2,H,W]``; supports encoded once (batch 1) serve every query."""
@@ -207,7 +217,9 @@ class QGNet(FewShotMethod):
         if self.residual != "none":
             logits = logits + answers[self.residual].to(logits.dtype)
         logits = F.interpolate(logits, size=query.size, mode="bilinear", align_corners=True)
-        return SegmenterOutput(logits=logits, maps=maps, aux_logits=aux)
+        memory_inputs = {} if supports.guide_bg is None else {
+            "mmt_query": query.bridge, "mmt_fg": supports.guide.flatten(1), "mmt_bg": supports.guide_bg.flatten(1)}
+        return SegmenterOutput(logits=logits, maps=maps, aux_logits=aux, loss_inputs=memory_inputs)
 
     @property
     def uses_support_prototypes(self) -> bool:
@@ -235,6 +247,7 @@ def build_qgnet(cfg: ModelConfig) -> QGNet:
     """QGNet (or the PFENet baseline when ``cfg.prior == "none"``) from the ``model.*`` config."""
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats,
                               adapter=cfg.adapter)
+    attach_meta_memory(backbone, cfg)  # model.meta_memory (MMT), on the feature extractor only
     prior = None if cfg.prior == "none" else build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats)
     return QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk,
                  cfg.aux_weight, cfg.extra_maps, cfg.residual, cfg.prototype_layer, cfg.prototype_scale,
