@@ -88,7 +88,8 @@ def test_train_and_evaluate_end_to_end(prior, data_root, tmp_path):
     ["model.method=ssp", "model.train_layers=[layer3]"],                 # trained backbone stage
     ["model.method=qsm", "model.adapter=dr"],                            # DR-Adapters: random perturbations, EMA
     ["model.method=ntrenet"],                                            # the prototype bank is state
-], ids=["qgnet", "ssp", "qsm", "ntrenet"])
+    ["model.meta_memory=true", "model.meta_memory_slots=4"],             # MMT's memory is state
+], ids=["qgnet", "ssp", "qsm", "ntrenet", "mmt"])
 def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, tmp_path, method):
     common = ["train.max_steps=8", "train.checkpoint_every=2", "train.deterministic=true", "train.val_every=0",
               "train.keep_last=0", "eval.episodes=2", *method]
