@@ -148,6 +148,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.shot < 1:
             raise ValueError(f"shot={self.shot} must be >= 1")
+        if self.model.meta_memory and self.train.task == "fscs":  # its losses need the FS-S loss's query mask
+            raise ValueError("model.meta_memory trains with train.task=fss only (FS-CS training has no MMT losses)")
 
 
 def eval_spec(cfg: FinetuneConfig) -> EvalSpec:

@@ -14,6 +14,8 @@ from test_methods import model_cfg, tiny
 from torch import nn
 
 from common.checkpoint import load_checkpoint, save_checkpoint
+from common.config import load_config
+from finetune.config import FinetuneConfig
 from finetune.methods import build_method
 from finetune.model.meta_memory import (
     ATTENTION_TEMPERATURE,
@@ -173,6 +175,8 @@ def test_meta_memory_is_refused_where_no_head_features_reach_its_losses():
         model_cfg("head_inputs=maps", "meta_memory=true")
     with pytest.raises(Exception, match="meta_memory_loss_weights"):
         model_cfg("meta_memory=true", "meta_memory_loss_weights=[1.0,1.0]")
+    with pytest.raises(Exception, match="train.task=fss only"):
+        load_config(FinetuneConfig, None, ["model.meta_memory=true", "train.task=fscs"])
 
 
 def _two_process_write(rank: int, port: int, out: str) -> None:
