@@ -27,8 +27,12 @@ from finetune.model.meta_memory import (
 
 
 def naive_update(slots: list[list[float]], stats: list[list[float]], momentum: float) -> list[list[float]]:
-    """m_j <- lambda m_j + (1 - lambda) sum_b softmax_b(cos(m_j, mu_b) / T) mu_b, one slot and one row at a time."""
+    """m_j <- lambda m_j + (1 - lambda) sum_b softmax_b(cos(m_j - c, mu_b - c) / T) mu_b, c = the slots' mean, one
+    slot and one row at a time."""
+    center = [sum(m[c] for m in slots) / len(slots) for c in range(len(slots[0]))]
+
     def cos(a, b):
+        a, b = [x - z for x, z in zip(a, center)], [y - z for y, z in zip(b, center)]
         return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
     out = []
@@ -46,7 +50,7 @@ def test_memory_update_matches_a_naive_loop():
     new_mean, new_std = update_memory(slots, slots * 2, stats, stats * 3, momentum=0.7)
     expected = torch.tensor(naive_update(slots.tolist(), stats.tolist(), 0.7))
     torch.testing.assert_close(new_mean, expected)
-    # the std slots take the weights of the means: cos is scale-free, so (2 m, 3 mu) -> 2 * 0.7 m + 0.3 * 3 W mu
+    # the std slots take the weights of the means: (2 m, 3 mu) -> 2 * 0.7 m + 3 * 0.3 W mu
     torch.testing.assert_close(new_std, 0.7 * 2 * slots + 3 * (expected - 0.7 * slots))
 
 

@@ -7,14 +7,16 @@ the DR-Adapters use (:meth:`finetune.model.backbones.FrozenBackbone._run`). It h
 mean ``m_j`` and a channel std ``e_j`` ``[N,C]``. For features ``f [B,C,H,W]`` with channel statistics
 ``mu_b, v_b [B,C]`` (spatial mean and std):
 
-    read   s_b^{Mj} = softmax_j cos(mu_b, m_j) / T         mu_b^M = sum_j s_b^{Mj} m_j,  v_b^M = sum_j s_b^{Mj} e_j
+    read   s_b^{Mj} = softmax_j cos~(mu_b, m_j) / T        mu_b^M = sum_j s_b^{Mj} m_j,  v_b^M = sum_j s_b^{Mj} e_j
     mix    mu_mix = alpha mu_b + (1 - alpha) mu_b^M          v_mix = alpha v_b + (1 - alpha) v_b^M
     enhance f_enh = f_norm * v_mix + mu_mix,                 f_norm = (f - mu_b) / v_b
-    write  s_M^{jb} = softmax_b cos(m_j, mu_b) / T           (training only, after the read)
+    write  s_M^{jb} = softmax_b cos~(m_j, mu_b) / T          (training only, after the read)
            m_j <- lambda m_j + (1 - lambda) sum_b s_M^{jb} mu_b,    e_j <- lambda e_j + (1 - lambda) sum_b s_M^{jb} v_b
     L_orth = mean_{j != k} cos(m_j, m_k)  (and the same of the e_j; their mean)
 
-(ours) The temperature T = 0.1; the empty memory is filled by the first N samples seen, in order (identical
+(ours) cos~ is the cosine of the two vectors minus the slots' mean ``sum_j m_j / N`` (uncentred, every slot
+collapsed to one running mean in our runs: the channel means of all images point nearly the same way); the
+temperature T = 0.1; the empty memory is filled by the first N samples seen, in order (identical
 slots would stay identical under the update), and until a slot is filled it is neither read nor written; an
 empty memory reads back the sample's own statistics (the enhancement is then the identity). The statistics
 are gathered over processes before the write, in rank order, so every process keeps the same memory (the slots
@@ -57,23 +59,26 @@ def orthogonality_loss(slots: Tensor) -> Tensor:
     return (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
 
 
-def attention(a: Tensor, b: Tensor) -> Tensor:
-    """``softmax`` over ``b``'s rows of ``cos(a_i, b_k) / T``: ``a [P,C]``, ``b [Q,C]`` -> ``[P,Q]``."""
-    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).t() / ATTENTION_TEMPERATURE).softmax(dim=1)
+def attention(a: Tensor, b: Tensor, center: Tensor) -> Tensor:
+    """``softmax`` over ``b``'s rows of ``cos(a_i - c, b_k - c) / T``: ``a [P,C]``, ``b [Q,C]``, ``c [C]`` ->
+    ``[P,Q]``. (ours) Centring on the slots' mean: the raw channel means of post-ReLU features all point the same
+    way (cosines ~0.95), so uncentred weights are uniform and every slot converges to the same running mean."""
+    a, b = F.normalize(a - center, dim=1), F.normalize(b - center, dim=1)
+    return (a @ b.t() / ATTENTION_TEMPERATURE).softmax(dim=1)
 
 
 def read_memory(mean: Tensor, mean_slots: Tensor, std_slots: Tensor) -> tuple[Tensor, Tensor]:
     """``mu_b [B,C]`` read from ``n >= 1`` slots ``[n,C]`` -> ``(mu_b^M, v_b^M)``, each ``[B,C]``."""
     if mean_slots.shape[0] == 0:
         raise ValueError("read_memory needs at least one slot")
-    weights = attention(mean, mean_slots)                                   # [B,n]
+    weights = attention(mean, mean_slots, mean_slots.mean(0))               # [B,n]
     return weights @ mean_slots, weights @ std_slots
 
 
 def update_memory(mean_slots: Tensor, std_slots: Tensor, mean: Tensor, std: Tensor,
                   momentum: float) -> tuple[Tensor, Tensor]:
     """One write of the batch statistics ``mu, v [B,C]`` into slots ``[n,C]``: the new ``(m, e)``, each ``[n,C]``."""
-    weights = attention(mean_slots, mean)                                   # [n,B], rows sum to 1
+    weights = attention(mean_slots, mean, mean_slots.mean(0))               # [n,B], rows sum to 1
     return (momentum * mean_slots + (1 - momentum) * weights @ mean,
             momentum * std_slots + (1 - momentum) * weights @ std)
 
