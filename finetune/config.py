@@ -151,6 +151,8 @@ class FinetuneConfig:
         if self.model.text_guidance and "fscs" in (self.train.task, self.eval.task):
             raise ValueError("model.text_guidance reads the episode's class name: FS-CS episodes (train.task / "
                              "eval.task = fscs) do not pass one")
+        if self.model.meta_memory and self.train.task == "fscs":  # its losses need the FS-S loss's query mask
+            raise ValueError("model.meta_memory trains with train.task=fss only (FS-CS training has no MMT losses)")
 
 
 def eval_spec(cfg: FinetuneConfig) -> EvalSpec:

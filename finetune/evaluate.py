@@ -164,7 +164,8 @@ def evaluate_all(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMe
         if name == cfg.model.method:
             continue
         # the baseline's training-free variant on the same backbone: nothing of the method's training carries over
-        base_model = dataclasses.replace(cfg.model, method=name, train_layers=[], adapter="none", init_from="")
+        base_model = dataclasses.replace(cfg.model, method=name, train_layers=[], adapter="none", init_from="",
+                                         meta_memory=False)
         base_cfg = dataclasses.replace(cfg, model=base_model,
                                        eval=dataclasses.replace(cfg.eval, label="", support_tuning=0))
         with torch.random.fork_rng(devices=[]):  # a random-init backbone (quick-start) must not depend on what

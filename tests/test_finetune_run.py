@@ -103,7 +103,8 @@ def test_train_and_evaluate_end_to_end(prior, data_root, tmp_path):
     ["model.method=qsm", "model.adapter=dr"],                            # DR-Adapters: random perturbations, EMA
     ["model.method=ntrenet"],                                            # the prototype bank is state
     ["model.method=pfenet", "model.text_guidance=TEXT", "model.text_heads=2"],  # CD-TG: ADaIN draws styles
-], ids=["qgnet", "ssp", "qsm", "ntrenet", "pfenet_text"])
+    ["model.meta_memory=true", "model.meta_memory_slots=4"],             # MMT's memory is state
+], ids=["qgnet", "ssp", "qsm", "ntrenet", "pfenet_text", "mmt"])
 def test_kill_and_resume_equals_uninterrupted_run(prior, data_root, text_file, tmp_path, method):
     method = [m.replace("=TEXT", f"={text_file}") for m in method]
     common = ["train.max_steps=8", "train.checkpoint_every=2", "train.deterministic=true", "train.val_every=0",

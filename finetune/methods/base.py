@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from fewshot.segmenter import SegmenterOutput
 from finetune.model.adapters import pop_cyclic_loss
 from finetune.model.config import ModelConfig
+from finetune.model.meta_memory import memory_losses
 
 ADAPTER_WEIGHT = 2.0  # weight of the DR-Adapters' cyclic statistics loss (DR-Adapter and QSM: 2 * L1)
 
@@ -55,13 +56,27 @@ class FewShotMethod(nn.Module):
         episodes' class ids, for methods that keep per-class state (NTRENet's prototype bank)."""
         raise NotImplementedError(f"{type(self).__name__} is training-free: it has no loss")
 
-    def add_adapter_loss(self, total: Tensor, parts: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``total + 2 * cyclic`` when ``self.backbone`` has DR-Adapters (their terms since the last call)."""
-        adapters = getattr(getattr(self, "backbone", None), "adapters", None)
-        if not adapters:
-            return total, parts
-        cyclic = pop_cyclic_loss(adapters, total.device)
-        return total + ADAPTER_WEIGHT * cyclic, {**parts, "cyclic": cyclic.detach()}
+    def add_adapter_loss(self, total: Tensor, parts: dict[str, Tensor], out: SegmenterOutput | None = None,
+                         target: Tensor | None = None,
+                         classes: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``total + 2 * cyclic`` when ``self.backbone`` has DR-Adapters (their terms since the last call); with
+        a meta-memory also ``+ w . (L_orth, L_cont, L_pro)``, the last two from ``out.loss_inputs`` (``mmt_query
+        [B,D,h,w]``, ``mmt_fg``, ``mmt_bg [B,D]``) against ``target [B,S,S]``."""
+        backbone = getattr(self, "backbone", None)
+        adapters, memory = getattr(backbone, "adapters", None), getattr(backbone, "memory", None)
+        if adapters:
+            cyclic = pop_cyclic_loss(adapters, total.device)
+            total, parts = total + ADAPTER_WEIGHT * cyclic, {**parts, "cyclic": cyclic.detach()}
+        if memory is not None:
+            terms = {"orth": memory.pop_orthogonality_loss(total.device)}
+            if out is None or "mmt_query" not in out.loss_inputs:
+                raise ValueError(f"{type(self).__name__} hands no features to the meta-memory's losses")
+            inputs = out.loss_inputs
+            terms.update(memory_losses(inputs["mmt_query"], inputs["mmt_fg"], inputs["mmt_bg"], target, classes))
+            for weight, name in zip(memory.loss_weights, ("orth", "cont", "pro")):
+                total = total + weight * terms[name]
+            parts = {**parts, **{k: v.detach() for k, v in terms.items()}}
+        return total, parts
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimiser updates (frozen backbones excluded)."""

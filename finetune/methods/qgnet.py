@@ -34,6 +34,7 @@ from finetune.methods.ssp import cosine_logits, ssp_match
 from finetune.model.backbones import FrozenBackbone, build_backbone, build_prior
 from finetune.model.config import ModelConfig
 from finetune.model.fem import FEM
+from finetune.model.meta_memory import attach_meta_memory
 from finetune.model.region_maps import guided_region_map, minmax_normalize, prior_region_map, projection, weighted_gap
 from finetune.model.text_guidance import TextGuidance, build_text_guidance
 
@@ -56,6 +57,7 @@ class SupportFeatures:
     guide: Tensor | None                  # category guider, mean over shots [B,D,1,1]; None with head_inputs=maps
     fg: Tensor | None = None              # prototype cue, mean over shots [B,C]
     bg: Tensor | None = None
+    guide_bg: Tensor | None = None        # the guider's background twin [B,D,1,1] (meta-memory losses, training)
 
     def expand(self, batch: int) -> SupportFeatures:
         """The same supports for ``batch`` queries (a no-op when the batch already matches)."""
@@ -65,7 +67,8 @@ class SupportFeatures:
         def grow(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.expand(batch, *t.shape[1:])
 
-        return SupportFeatures([grow(t) for t in self.masked_l4], grow(self.guide), grow(self.fg), grow(self.bg))
+        return SupportFeatures([grow(t) for t in self.masked_l4], grow(self.guide), grow(self.fg), grow(self.bg),
+                               grow(self.guide_bg))
 
 
 # query-side cues that can join the FEM's region maps (model.extra_maps), and the maps each one adds
@@ -144,7 +147,8 @@ class QGNet(FewShotMethod):
     def loss(self, out: SegmenterOutput, target: Tensor,
              classes: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """:func:`qgnet_loss` with ``model.aux_weight``."""
-        return self.add_adapter_loss(*qgnet_loss(out, target, self.aux_weight, balanced=self.balanced_loss))
+        return self.add_adapter_loss(*qgnet_loss(out, target, self.aux_weight, balanced=self.balanced_loss),
+                                     out, target, classes)
 
     @property
     def reads_class_names(self) -> bool:
@@ -180,7 +184,7 @@ class QGNet(FewShotMethod):
         """``supports [B,K,3,H,W]``, ``support_masks [B,K,H,W]`` -> per-shot masked layer4, the category guider
         (mean over shots) and, when used, the prototype cue; independent of any query (encode once, reuse).
         ``class_names`` (B) are read only with text guidance."""
-        masked_l4, prototypes, fg_protos, bg_protos = [], [], [], []
+        masked_l4, prototypes, fg_protos, bg_protos, bg_guides = [], [], [], [], []
         text = self.text_guidance
         rows = text.rows(class_names) if text is not None else None
         for i in range(supports.shape[1]):  # one trunk pass per shot: with train-mode BN, stats are per shot
@@ -196,6 +200,10 @@ class QGNet(FewShotMethod):
                 if text is not None:
                     proto = text.fuse(proto, text.prototypes(bridge, mask, rows)[0])
                 prototypes.append(proto)
+                if self.training and self.backbone.memory is not None:  # the meta-memory's L_pro, L_cont
+                    bg_guides.append(weighted_gap(bridge, F.interpolate(
+                        (support_masks[:, i] == 0).unsqueeze(1).float(), size=s3.shape[-2:], mode="bilinear",
+                        align_corners=True)))
             if self.uses_support_prototypes:  # the training-free baselines' prototypes (prototype, ssp)
                 tap = s3 if self.prototype_layer == "layer3" else s2
                 bg = F.interpolate((support_masks[:, i] == 0).unsqueeze(1).float(), size=tap.shape[-2:],
@@ -204,7 +212,8 @@ class QGNet(FewShotMethod):
                 bg_protos.append(masked_average(tap, bg))
         cue = (torch.stack(fg_protos).mean(0), torch.stack(bg_protos).mean(0)) if fg_protos else (None, None)
         guide = torch.stack(prototypes).mean(dim=0) if prototypes else None
-        return SupportFeatures(masked_l4, guide, *cue)
+        guide_bg = torch.stack(bg_guides).mean(dim=0) if bg_guides else None
+        return SupportFeatures(masked_l4, guide, *cue, guide_bg)
 
     def decode(self, query: QueryFeatures, supports: SupportFeatures) -> SegmenterOutput:
         """Region maps, FEM and logits ``[B,2,H,W]``; supports encoded once (batch 1) serve every query."""
@@ -233,7 +242,9 @@ class QGNet(FewShotMethod):
         if self.residual != "none":
             logits = logits + answers[self.residual].to(logits.dtype)
         logits = F.interpolate(logits, size=query.size, mode="bilinear", align_corners=True)
-        return SegmenterOutput(logits=logits, maps=maps, aux_logits=aux)
+        memory_inputs = {} if supports.guide_bg is None else {
+            "mmt_query": query.bridge, "mmt_fg": supports.guide.flatten(1), "mmt_bg": supports.guide_bg.flatten(1)}
+        return SegmenterOutput(logits=logits, maps=maps, aux_logits=aux, loss_inputs=memory_inputs)
 
     @property
     def uses_support_prototypes(self) -> bool:
@@ -261,6 +272,7 @@ def build_qgnet(cfg: ModelConfig) -> QGNet:
     """QGNet (or the PFENet baseline when ``cfg.prior == "none"``) from the ``model.*`` config."""
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.deep_stem, cfg.freeze_bn_stats,
                               adapter=cfg.adapter)
+    attach_meta_memory(backbone, cfg)  # model.meta_memory (MMT), on the feature extractor only
     prior = None if cfg.prior == "none" else build_prior(cfg.prior, cfg.prior_arch, cfg.freeze_bn_stats)
     model = QGNet(backbone, prior, cfg.bins, cfg.reduce_dim, cfg.dropout, cfg.paper_literal, cfg.sim_chunk,
                   cfg.aux_weight, cfg.extra_maps, cfg.residual, cfg.prototype_layer, cfg.prototype_scale,

@@ -39,6 +39,7 @@ from common.weights import (
     torchvision_net,
 )
 from finetune.model.adapters import DRAdapter, stage_channels
+from finetune.model.meta_memory import MEMORY_LAYERS
 
 
 def classifier_keys(arch: str) -> set[str]:
@@ -60,6 +61,7 @@ class FrozenBackbone(nn.Module):
         train_layers: the stages whose convolutions train (BatchNorm affine parameters stay frozen).
         adapters: trained modules applied to a stage's output, by stage name (``adapter="dr"``: a DR-Adapter
             after layer0, layer1 and layer2; :mod:`finetune.model.adapters`).
+        memory, memory_layer: MMT's meta-memory and the stage it follows (:meth:`add_memory`), or None.
     """
 
     def __init__(self, arch: str, stages: list[nn.Module], freeze_bn_stats: bool = False,
@@ -83,6 +85,8 @@ class FrozenBackbone(nn.Module):
             raise ValueError(f"model.adapter: {adapter!r} is not one of none, dr")
         self.adapters = nn.ModuleDict(
             {n: DRAdapter(stage_channels(getattr(self, n))) for n in ADAPTED_STAGES} if adapter == "dr" else {})
+        self.memory: nn.Module | None = None  # model.meta_memory (add_memory), on the same hook as the adapters
+        self.memory_layer = ""
         # autograd from the first trained stage on (or the stage after the first adapter: its gradient flows
         # back through the frozen stages); the stages before it never need a graph
         first = min([STAGES.index(n) for n in self.train_layers]
@@ -96,7 +100,14 @@ class FrozenBackbone(nn.Module):
         else:
             with torch.no_grad():
                 x = getattr(self, name)(x)
-        return self.adapters[name](x) if name in self.adapters else x
+        x = self.adapters[name](x) if name in self.adapters else x
+        return self.memory(x) if self.memory is not None and name == self.memory_layer else x
+
+    def add_memory(self, memory: nn.Module, layer: str) -> None:
+        """Enhance ``layer``'s output with ``memory`` (MMT's meta-memory, after the stage's adapter if any)."""
+        if layer not in MEMORY_LAYERS:
+            raise ValueError(f"model.meta_memory_layer: {layer!r} is not one of {', '.join(MEMORY_LAYERS)}")
+        self.memory, self.memory_layer = memory, layer
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         """Set the mode; BatchNorm stays in eval mode when ``freeze_bn_stats``."""

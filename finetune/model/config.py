@@ -76,6 +76,20 @@ class ModelConfig:
     adapter: Literal["none", "dr"] = field(
         "none", help="dr = DR-Adapters (domain-rectifying, CVPR 2024) after the backbone's first three stages: "
                      "trained, with style perturbation and a cyclic statistics loss (ssp, qsm, qgnet, pfenet)")
+    meta_memory: bool = field(
+        False, help="qgnet / pfenet: MMT's meta-memory (CVPR 2022) after the backbone stage model.meta_memory_layer: "
+                    "slots of source channel statistics mixed into every image's, written while training, frozen "
+                    "at evaluation; adds L_orth, L_cont, L_pro to the loss (docs/methods.md, MMT)")
+    meta_memory_slots: int = field(16, help="meta_memory: N, the number of memory slots (mean and std each)")
+    meta_memory_momentum: float = field(
+        0.9, help="meta_memory: lambda, each slot keeps lambda of itself per write (1 - lambda: the batch's share)")
+    meta_memory_alpha: float = field(
+        0.5, help="meta_memory: alpha, the image's own statistics' weight in the mix with the memory's "
+                  "(1 = no enhancement, 0 = the memory's statistics alone)")
+    meta_memory_layer: Literal["layer0", "layer1", "layer2", "layer3"] = field(
+        "layer2", help="meta_memory: the feature extractor's stage whose output the memory enhances")
+    meta_memory_loss_weights: list[float] = field(
+        [1.0, 1.0, 1.0], help="meta_memory: weights of L_orth, L_cont, L_pro (the paper: their plain sum)")
     init_from: str = field(
         "", help="start training from a run folder's best (else last) weights or a weights file; keys the file "
                  "lacks (e.g. adapters, QSM's modules) keep their initialisation, keys it has must fit")
@@ -119,6 +133,15 @@ class ModelConfig:
             raise ValueError("model.reduce_dim must be > 0, model.sim_chunk and model.aux_weight >= 0")
         if self.adapter != "none" and self.method == "prototype":
             raise ValueError("model.adapter trains DR-Adapters, but model.method=prototype is training-free")
+        if self.meta_memory and (self.method not in ("qgnet", "pfenet") or self.head_inputs != "features"):
+            raise ValueError("model.meta_memory is a qgnet / pfenet option with model.head_inputs=features (its "
+                             f"losses read the head's features); model.method is {self.method!r}")
+        if len(self.meta_memory_loss_weights) != 3 or min(self.meta_memory_loss_weights) < 0:
+            raise ValueError("model.meta_memory_loss_weights must be three weights >= 0 (L_orth, L_cont, L_pro), "
+                             f"got {self.meta_memory_loss_weights}")
+        if self.meta_memory_slots < 1 or not 0 <= self.meta_memory_momentum < 1 or not 0 <= self.meta_memory_alpha <= 1:
+            raise ValueError("model.meta_memory_slots must be >= 1, model.meta_memory_momentum in [0, 1) and "
+                             "model.meta_memory_alpha in [0, 1]")
         if self.train_layers and self.method not in ("ssp", "qsm"):
             raise ValueError(f"model.train_layers is an ssp / qsm option; model.method is {self.method!r}")
         if self.text_guidance:
