@@ -63,9 +63,15 @@ class TrainConfig:
         "strong", help="with train.task=fscs: strong = masks, the merged (1+N)-way NLL; weak = class tags only, "
                        "NLL(mean over pixels of the probabilities, presence)")
     # --- end FS-CS ---
+    stage: Literal["fss", "base"] = field(
+        "fss", help="fss: the method's episodic training; base: BAM's base stage (model.method=bam): its base learner "
+                    "as a semantic segmenter of the training classes + background, saved as <run>/last_model."
+                    "safetensors for the meta stage's model.base_learner (finetune/base_stage.py)")
 
     def validate(self) -> None:
         """Reject values that cannot work (ValueError naming the key)."""
+        if self.stage == "base" and self.task != "fss":
+            raise ValueError("train.stage=base trains a semantic segmenter; train.task must be fss")
         if self.labels == "weak" and self.task != "fscs":
             raise ValueError("train.labels=weak needs train.task=fscs (FS-S training has masks only)")
         for key in ("batch_size", "log_every", "checkpoint_every"):
@@ -148,6 +154,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.shot < 1:
             raise ValueError(f"shot={self.shot} must be >= 1")
+        if self.train.stage == "base" and self.model.method != "bam":
+            raise ValueError(f"train.stage=base is BAM's base stage; model.method is {self.model.method!r}")
 
 
 def eval_spec(cfg: FinetuneConfig) -> EvalSpec:

@@ -136,6 +136,14 @@ class Pascal5i(FewShotBenchmark):
         check_same_size(image, label, sample.image_path, sample.mask_path)
         return image, binary_mask(label, class_id)
 
+    def load_full(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """Image and the full ``SegmentationClassAug`` map as int32 (0 = background, 1-20, -1 = ignore)."""
+        label = read_label(sample.mask_path)
+        check_label_values(label, sample.mask_path)
+        image = read_rgb(sample.image_path)
+        check_same_size(image, label, sample.image_path, sample.mask_path)
+        return image, np.where(label == IGNORE_INDEX, -1, label).astype(np.int32)
+
 
 def check_label_values(label: np.ndarray, path: str | Path) -> None:
     """VOC labels hold 0-20 and 255 only; anything else means a wrong or corrupt mask."""

@@ -455,3 +455,10 @@ class SemanticFolder(FewShotBenchmark):
         if extra:
             label = np.where(np.isin(label, extra), np.uint8(IGNORE_INDEX), label)
         return image, binary_mask(label, class_id)
+
+    def load_full(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """Image and the label PNG as int32 class ids (255 and the ``ignore`` values -> -1)."""
+        label = read_label(sample.mask_path)
+        image = read_rgb(sample.image_path)
+        check_same_size(image, label, sample.image_path, sample.mask_path)
+        return image, np.where(np.isin(label, list(self.ignore_values)), -1, label).astype(np.int32)

@@ -18,7 +18,8 @@ class ModelConfig:
     method: str = field(
         "qgnet", help="the registered few-shot method (finetune.methods): qgnet | pfenet (qgnet without the prior) "
                       "| prototype (training-free masked-average prototypes) | ssp (self-support prototypes) "
-                      "| qsm (query self-similarity prototyping) | ntrenet (non-target region eliminating)")
+                      "| qsm (query self-similarity prototyping) | ntrenet (non-target region eliminating) "
+                      "| bam (base + meta learner; its base stage: train.stage=base)")
     backbone: Literal["resnet50", "resnet101", "mobilenet_v2"] = field(
         "resnet50", help="frozen feature extractor F (bridge and support features), dilated to output stride 8")
     backbone_weights: str = field(
@@ -69,7 +70,14 @@ class ModelConfig:
                          "cannot learn what the training classes look like)")
     train_layers: list[str] = field(
         [], help="ssp: backbone stages whose convolutions train (the reference: [layer2, layer3]); BatchNorm stays "
-                 "frozen; [] = the training-free variant")
+                 "frozen; [] = the training-free variant. bam: the stages its base stage fine-tunes (the reference: "
+                 "the whole ResNet); the meta stage keeps them frozen")
+    base_learner: str = field(
+        "", help="bam: the run folder (or its last_model.safetensors) of the base stage (train.stage=base) whose "
+                 "backbone and PSPNet head the meta stage loads, frozen")
+    kshot: int = field(
+        1, help="bam: the shot count its k-shot reweighting of the Gram distances is built for (the reference "
+                "trains one model per shot); 1 = none; episodes of another shot count average the distances")
     ntre_modules: list[str] = field(
         ["bgem", "doem", "pcl"], help="ntrenet: the modules on (the paper's ablation): bgem (background elimination), "
                                       "doem (distracting-object elimination), pcl (prototypical contrastive loss)")
@@ -109,7 +117,9 @@ class ModelConfig:
             raise ValueError("model.reduce_dim must be > 0, model.sim_chunk and model.aux_weight >= 0")
         if self.adapter != "none" and self.method == "prototype":
             raise ValueError("model.adapter trains DR-Adapters, but model.method=prototype is training-free")
-        if self.train_layers and self.method not in ("ssp", "qsm"):
-            raise ValueError(f"model.train_layers is an ssp / qsm option; model.method is {self.method!r}")
+        if self.train_layers and self.method not in ("ssp", "qsm", "bam"):
+            raise ValueError(f"model.train_layers is an ssp / qsm / bam option; model.method is {self.method!r}")
+        if self.kshot < 1:
+            raise ValueError(f"model.kshot={self.kshot} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
