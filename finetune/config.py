@@ -114,10 +114,12 @@ class EvalConfig:
     label: str = field("", help="the row name of these results in tables (default: model.method), e.g. to tell two "
                                 "qgnet variants apart in `python -m fewshot.report`")
     # --- FS-CS (issue 14, fewshot/fscs.py) ---
-    task: Literal["fss", "fscs"] = field(
+    task: Literal["fss", "fscs", "gfss"] = field(
         "fss", help="fss: few-shot segmentation (1 way, the class is in the query); fscs: iFSL few-shot "
                     "classification and segmentation: eval.way support classes, each present in the query with "
-                    "probability 1/2; scored by ER (every presence call right) and mIoU")
+                    "probability 1/2; scored by ER (every presence call right) and mIoU; gfss: generalized FSS "
+                    "(model.method=bam): the base classes and the episode's novel class together, mIoU over base, "
+                    "novel and their harmonic mean (finetune/gfss.py)")
     way: int = field(1, help="support classes per episode with eval.task=fscs (N-way); 1 with eval.task=fss")
     # --- end FS-CS ---
 
@@ -125,8 +127,9 @@ class EvalConfig:
         """Reject values that cannot work (ValueError naming the key)."""
         if self.support_tuning < 0 or self.support_tuning_lr <= 0:
             raise ValueError("eval.support_tuning must be >= 0 steps and eval.support_tuning_lr > 0")
-        if self.support_tuning and self.task == "fscs":
-            raise ValueError("eval.support_tuning is an FS-S option (eval.task=fss); FS-CS episodes are not tuned")
+        if self.support_tuning and self.task != "fss":
+            raise ValueError("eval.support_tuning is an FS-S option (eval.task=fss); FS-CS / GFSS episodes are not "
+                             "tuned")
         if self.way < 1 or (self.task == "fss" and self.way != 1):
             raise ValueError(f"eval.way={self.way} must be >= 1, and 1 unless eval.task=fscs")
         if self.episodes < 0 or self.shot < 0 or self.batch_size < 1 or self.num_workers < 0:
@@ -154,6 +157,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.shot < 1:
             raise ValueError(f"shot={self.shot} must be >= 1")
+        if self.eval.task == "gfss" and self.model.method != "bam":
+            raise ValueError(f"eval.task=gfss needs a base learner (model.method=bam), not {self.model.method!r}")
         if self.train.stage == "base" and self.model.method != "bam":
             raise ValueError(f"train.stage=base is BAM's base stage; model.method is {self.model.method!r}")
 

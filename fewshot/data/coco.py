@@ -183,7 +183,7 @@ class Coco20i(FewShotBenchmark):
             write_bytes(cache, buffer.getvalue())
         image = read_rgb(sample.image_path)
         check_same_size(image, label, sample.image_path, f"{sample.mask_path} (image id {image_id})")
-        return image, np.where(label == IGNORE_INDEX, -1, label).astype(np.int32)
+        return image, np.where(label == IGNORE_INDEX, -1, label.astype(np.int32))
 
     def rasterise(self, image_id: int) -> np.ndarray:
         """uint8 ``[H, W]`` of every class: instances painted largest first (a small object on a large one stays
@@ -195,8 +195,9 @@ class Coco20i(FewShotBenchmark):
         crowd = [self.coco.annToRLE(a) for a in anns if int(a.get("iscrowd", 0))]
         if crowd:
             label[mask_utils.decode(mask_utils.merge(crowd)) > 0] = IGNORE_INDEX
-        for ann in sorted((a for a in anns if not int(a.get("iscrowd", 0))), key=lambda a: -float(a.get("area", 0))):
-            label[mask_utils.decode(self.coco.annToRLE(ann)) > 0] = class_of[ann["category_id"]]
+        instances = [(self.coco.annToRLE(a), class_of[a["category_id"]]) for a in anns if not int(a.get("iscrowd", 0))]
+        for rle, c in sorted(instances, key=lambda x: -int(mask_utils.area(x[0]))):
+            label[mask_utils.decode(rle) > 0] = c
         return label
 
     @cached_property

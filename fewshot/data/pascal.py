@@ -142,7 +142,7 @@ class Pascal5i(FewShotBenchmark):
         check_label_values(label, sample.mask_path)
         image = read_rgb(sample.image_path)
         check_same_size(image, label, sample.image_path, sample.mask_path)
-        return image, np.where(label == IGNORE_INDEX, -1, label).astype(np.int32)
+        return image, np.where(label == IGNORE_INDEX, -1, label.astype(np.int32))
 
 
 def check_label_values(label: np.ndarray, path: str | Path) -> None:

@@ -461,4 +461,4 @@ class SemanticFolder(FewShotBenchmark):
         label = read_label(sample.mask_path)
         image = read_rgb(sample.image_path)
         check_same_size(image, label, sample.image_path, sample.mask_path)
-        return image, np.where(np.isin(label, list(self.ignore_values)), -1, label).astype(np.int32)
+        return image, np.where(np.isin(label, list(self.ignore_values)), -1, label.astype(np.int32))
