@@ -157,6 +157,9 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.shot < 1:
             raise ValueError(f"shot={self.shot} must be >= 1")
+        if self.model.method == "bam" and self.model.kshot not in (1, self.shot):
+            raise ValueError(f"model.kshot={self.model.kshot} must be 1 or the training shot ({self.shot}): the k-shot "
+                             "reweighting is trained on episodes of that many shots")
         if self.eval.task == "gfss" and self.model.method != "bam":
             raise ValueError(f"eval.task=gfss needs a base learner (model.method=bam), not {self.model.method!r}")
         if self.train.stage == "base" and self.model.method != "bam":

@@ -11,8 +11,8 @@ id and ``val_seed``) on the training classes, removed from ``train``, for model 
 the test classes. ``fold='all'`` (or -1) uses all 20 classes everywhere (cross-domain source training).
 
 Per-image class pixel counts are read once from the masks and cached as JSON (keyed by the list's content
-and the mask folder), so the 2,048-pixel filter can change without a rescan. ``load_full`` reads an image's whole class map (BAM's base
-learner, :mod:`fewshot.data.base_labels`).
+and the mask folder), so the 2,048-pixel filter can change without a rescan. ``load_full`` reads an image's
+whole class map (BAM's base learner, :mod:`fewshot.data.base_labels`).
 """
 
 from __future__ import annotations
