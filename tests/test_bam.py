@@ -174,3 +174,26 @@ def test_generalized_fss_through_the_evaluation_entry_point(tmp_path):
     for key in ("miou_base_mean", "miou_novel_mean", "miou_hm_mean"):
         assert 0.0 <= results[key] <= 1.0
     assert (tmp_path / "gfss" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_meta_stage_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    from killing import kill_after_checkpoint
+    from test_finetune_run import launch, overrides
+
+    data = tmp_path / "data"
+    launch(overrides(tmp_path / "no-prior", data, tmp_path / "base", "model.method=bam", "train.stage=base",
+                     "train.max_steps=2"))
+    common = ["model.method=bam", f"model.base_learner={tmp_path / 'base' / 'run'}", "train.max_steps=8",
+              "train.checkpoint_every=2", "train.deterministic=true", "train.val_every=0", "train.keep_last=0",
+              "eval.episodes=2"]
+    launch(overrides(tmp_path / "no-prior", data, tmp_path / "a", *common))
+    killed = launch(overrides(tmp_path / "no-prior", data, tmp_path / "b", *common), wait=False)
+    kill_after_checkpoint(killed, tmp_path / "b/run/checkpoints/latest", "step_0000002")
+    assert not (tmp_path / "b/run/checkpoints/step_0000008").exists()
+    launch(overrides(tmp_path / "no-prior", data, tmp_path / "b", *common) + ["--resume", "auto"])
+    a = load_file(str(tmp_path / "a/run/last_model.safetensors"))
+    b = load_file(str(tmp_path / "b/run/last_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
