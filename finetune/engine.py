@@ -4,7 +4,8 @@ Training draws a fresh episode list per epoch from ``seed + epoch``; augmentatio
 learning rate is derived from the step. Together with the checkpointed weights, optimiser and RNG states this
 makes ``--resume auto`` continue exactly. Model selection uses episodes of held-out classes or images of the
 *training* sources (``val``), scored by the same evaluation core as the test (:mod:`fewshot.evaluate`), never
-the test episodes.
+the test episodes. BAM's base stage (``train.stage=base``) runs the same loop over images with multi-class labels
+(:mod:`finetune.base_stage`) and has no validation.
 """
 
 from __future__ import annotations
