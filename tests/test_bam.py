@@ -18,10 +18,13 @@ from finetune.methods.bam import BAM, BaseLearner, gram_distance
 from finetune.model.backbones import build_backbone
 
 
-def tiny_bam(kshot: int = 1) -> BAM:
+def tiny_bam(kshot: int = 1, prior: bool = False) -> BAM:
+    from finetune.model.backbones import build_prior
+
     torch.manual_seed(0)
     learner = BaseLearner(build_backbone("mobilenet_v2", "random"), {11: 1, 12: 2, 13: 3}, hidden=16)
-    return BAM(learner.backbone, None, learner.head, learner.channel_of, [1.0, 0.5], reduce_dim=8, kshot=kshot)
+    return BAM(learner.backbone, build_prior("random", "resnet18") if prior else None, learner.head,
+               learner.channel_of, [1.0, 0.5], reduce_dim=8, kshot=kshot)
 
 
 def test_gram_distance_of_identical_and_of_orthogonal_features():
@@ -74,6 +77,13 @@ def test_ensemble_starts_as_the_meta_learner_and_leaves_out_the_episodes_class()
     assert model.cls_merge.weight.grad is not None and model.base_head.cls[-1].weight.grad is None  # base frozen
     with pytest.raises(ValueError, match="training class 99 is not a class of the base learner"):
         model.loss(out, torch.zeros(2, 33, 33, dtype=torch.long), torch.tensor([11, 99]))
+
+
+def test_the_prior_map_joins_as_one_more_map():
+    model = tiny_bam(prior=True).eval()
+    out = model(torch.randn(1, 3, 33, 33), torch.randn(1, 1, 3, 33, 33), torch.ones(1, 1, 33, 33, dtype=torch.long))
+    assert list(out.maps) == ["prior", "guided", "base_background"]
+    assert model.fem.init_merge[0][0].in_channels == 2 * 8 + 2   # bridge + guider + guided + prior
 
 
 def test_novel_classes_become_background_and_ignore_stays():
