@@ -1,4 +1,5 @@
-"""Few-shot segmentation metrics: class-accumulated foreground IoU (mIoU) and FB-IoU.
+"""Few-shot segmentation metrics: class-accumulated foreground IoU (mIoU) and FB-IoU; generalized FSS (base and
+novel classes together, BAM) in :class:`GeneralizedMeter`.
 
 For each class, intersections and unions of the foreground are summed over all its episodes and divided
 once: IoU_c = sum |P & G| / sum |P | G|; mIoU is the mean of IoU_c over the classes that had episodes. This is
@@ -92,6 +93,67 @@ class SegmentationMeter:
         if other.class_ids != self.class_ids or other.ignore_index != self.ignore_index:
             raise ValueError("can only merge meters over the same classes and ignore index")
         self.stats += other.stats
+        return self
+
+
+class GeneralizedMeter:
+    """Generalized FSS: every pixel gets background, one of n base classes or the episode's novel class.
+
+    Predictions and targets are int ``[H, W]`` with 0 = background, 1..n = base channels, n + 1 = the episode's
+    novel class, ``ignore_index`` = ignore. Per class, intersections and unions are summed over every episode (a
+    base class over all of them, a novel class over its own episodes) and divided once, as
+    :class:`SegmentationMeter`. ``miou_base`` averages the base classes that appeared or were predicted at all
+    (union > 0), ``miou_novel`` the novel classes that had episodes, ``miou_hm`` is their harmonic mean.
+    State: float64 ``[n + N, 3]`` (intersection, union, episodes), base rows first.
+    """
+
+    def __init__(self, base_channels: int, novel_ids: Sequence[int], ignore_index: int = 255) -> None:
+        self.n, self.novel_ids = int(base_channels), [int(c) for c in novel_ids]
+        self.row = {c: self.n + i for i, c in enumerate(self.novel_ids)}
+        self.ignore_index = ignore_index
+        self.stats = torch.zeros(self.n + len(self.novel_ids), 3, dtype=torch.float64)
+
+    def update(self, pred: Tensor | np.ndarray, target: Tensor | np.ndarray, novel_id: int) -> None:
+        """Add one episode whose novel class is ``novel_id``."""
+        pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        if int(novel_id) not in self.row:
+            raise ValueError(f"class {novel_id} is not one of the meter's novel classes {self.novel_ids}")
+        valid = target != self.ignore_index
+        for j, row in [*((j, j - 1) for j in range(1, self.n + 1)), (self.n + 1, self.row[int(novel_id)])]:
+            p, t = (pred == j) & valid, (target == j) & valid
+            self.stats[row, :2] += torch.tensor([int((p & t).sum()), int((p | t).sum())], dtype=torch.float64)
+        self.stats[self.row[int(novel_id)], 2] += 1
+
+    def miou_base(self) -> float:
+        base = self.stats[:self.n]
+        seen = base[:, 1] > 0
+        return float((base[seen, 0] / base[seen, 1]).mean()) if seen.any() else 0.0
+
+    def miou_novel(self) -> float:
+        novel = self.stats[self.n:]
+        seen = novel[:, 2] > 0
+        return float((novel[seen, 0] / (novel[seen, 1] + EPS)).mean()) if seen.any() else 0.0
+
+    def miou_hm(self) -> float:
+        b, n = self.miou_base(), self.miou_novel()
+        return 2 * b * n / (b + n) if b + n > 0 else 0.0
+
+    def summary(self) -> dict:
+        """``{"miou_base", "miou_novel", "miou_hm", "episodes", "per_novel_class_iou": {class: iou}}``."""
+        novel = self.stats[self.n:]
+        return {"miou_base": self.miou_base(), "miou_novel": self.miou_novel(), "miou_hm": self.miou_hm(),
+                "episodes": int(novel[:, 2].sum()),
+                "per_novel_class_iou": {str(c): float(novel[i, 0] / (novel[i, 1] + EPS))
+                                        for i, c in enumerate(self.novel_ids) if novel[i, 2] > 0}}
+
+    def state(self) -> Tensor:
+        return self.stats.clone()
+
+    def load_state(self, state: Tensor) -> GeneralizedMeter:
+        """Replace the statistics by ``state`` summed over any leading copies (gathered from processes)."""
+        self.stats = torch.as_tensor(state, dtype=torch.float64).cpu().reshape(-1, *self.stats.shape).sum(0)
         return self
 
 

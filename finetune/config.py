@@ -63,9 +63,15 @@ class TrainConfig:
         "strong", help="with train.task=fscs: strong = masks, the merged (1+N)-way NLL; weak = class tags only, "
                        "NLL(mean over pixels of the probabilities, presence)")
     # --- end FS-CS ---
+    stage: Literal["fss", "base"] = field(
+        "fss", help="fss: the method's episodic training; base: BAM's base stage (model.method=bam): its base learner "
+                    "as a semantic segmenter of the training classes + background, saved as <run>/last_model."
+                    "safetensors for the meta stage's model.base_learner (finetune/base_stage.py)")
 
     def validate(self) -> None:
         """Reject values that cannot work (ValueError naming the key)."""
+        if self.stage == "base" and self.task != "fss":
+            raise ValueError("train.stage=base trains a semantic segmenter; train.task must be fss")
         if self.labels == "weak" and self.task != "fscs":
             raise ValueError("train.labels=weak needs train.task=fscs (FS-S training has masks only)")
         for key in ("batch_size", "log_every", "checkpoint_every"):
@@ -108,10 +114,12 @@ class EvalConfig:
     label: str = field("", help="the row name of these results in tables (default: model.method), e.g. to tell two "
                                 "qgnet variants apart in `python -m fewshot.report`")
     # --- FS-CS (issue 14, fewshot/fscs.py) ---
-    task: Literal["fss", "fscs"] = field(
+    task: Literal["fss", "fscs", "gfss"] = field(
         "fss", help="fss: few-shot segmentation (1 way, the class is in the query); fscs: iFSL few-shot "
                     "classification and segmentation: eval.way support classes, each present in the query with "
-                    "probability 1/2; scored by ER (every presence call right) and mIoU")
+                    "probability 1/2; scored by ER (every presence call right) and mIoU; gfss: generalized FSS "
+                    "(model.method=bam): the base classes and the episode's novel class together, mIoU over base, "
+                    "novel and their harmonic mean (finetune/gfss.py)")
     way: int = field(1, help="support classes per episode with eval.task=fscs (N-way); 1 with eval.task=fss")
     # --- end FS-CS ---
 
@@ -119,8 +127,9 @@ class EvalConfig:
         """Reject values that cannot work (ValueError naming the key)."""
         if self.support_tuning < 0 or self.support_tuning_lr <= 0:
             raise ValueError("eval.support_tuning must be >= 0 steps and eval.support_tuning_lr > 0")
-        if self.support_tuning and self.task == "fscs":
-            raise ValueError("eval.support_tuning is an FS-S option (eval.task=fss); FS-CS episodes are not tuned")
+        if self.support_tuning and self.task != "fss":
+            raise ValueError("eval.support_tuning is an FS-S option (eval.task=fss); FS-CS / GFSS episodes are not "
+                             "tuned")
         if self.way < 1 or (self.task == "fss" and self.way != 1):
             raise ValueError(f"eval.way={self.way} must be >= 1, and 1 unless eval.task=fscs")
         if self.episodes < 0 or self.shot < 0 or self.batch_size < 1 or self.num_workers < 0:
@@ -153,6 +162,13 @@ class FinetuneConfig:
                              "eval.task = fscs) do not pass one")
         if self.model.meta_memory and self.train.task == "fscs":  # its losses need the FS-S loss's query mask
             raise ValueError("model.meta_memory trains with train.task=fss only (FS-CS training has no MMT losses)")
+        if self.model.method == "bam" and self.model.kshot not in (1, self.shot):
+            raise ValueError(f"model.kshot={self.model.kshot} must be 1 or the training shot ({self.shot}): the k-shot "
+                             "reweighting is trained on episodes of that many shots")
+        if self.eval.task == "gfss" and self.model.method != "bam":
+            raise ValueError(f"eval.task=gfss needs a base learner (model.method=bam), not {self.model.method!r}")
+        if self.train.stage == "base" and self.model.method != "bam":
+            raise ValueError(f"train.stage=base is BAM's base stage; model.method is {self.model.method!r}")
 
 
 def eval_spec(cfg: FinetuneConfig) -> EvalSpec:

@@ -4,7 +4,8 @@ Training draws a fresh episode list per epoch from ``seed + epoch``; augmentatio
 learning rate is derived from the step. Together with the checkpointed weights, optimiser and RNG states this
 makes ``--resume auto`` continue exactly. Model selection uses episodes of held-out classes or images of the
 *training* sources (``val``), scored by the same evaluation core as the test (:mod:`fewshot.evaluate`), never
-the test episodes.
+the test episodes. BAM's base stage (``train.stage=base``) runs the same loop over images with multi-class labels
+(:mod:`finetune.base_stage`) and has no validation.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fewshot.data.loader import EpisodeDataset, collate
 from fewshot.data.transforms import build_transform
 from fewshot.evaluate import check_skipped, evaluate, to_device
 from fewshot.segmenter import class_name_kwargs
+from finetune.base_stage import base_train_dataset, base_train_step
 from finetune.config import FinetuneConfig, eval_spec
 from finetune.fscs import fscs_train_dataset, fscs_train_step, fscs_validate
 from finetune.methods import FewShotMethod
@@ -79,7 +81,9 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
     tc = cfg.train
     world, rank = accelerator.num_processes, accelerator.process_index
     transform = build_transform(cfg.data, train=True)
-    per_epoch = tc.episodes_per_epoch or len(epoch_episodes(train_set, cfg.shot, tc.seed, 0))
+    base = tc.stage == "base"  # BAM's base learner: images with multi-class labels, not episodes (base_stage.py)
+    per_epoch = tc.episodes_per_epoch or (len(train_set.image_keys()) if base else
+                                          len(epoch_episodes(train_set, cfg.shot, tc.seed, 0)))
     steps_per_epoch = per_epoch // (tc.batch_size * world)
     if steps_per_epoch == 0:
         raise ValueError(f"{per_epoch} episodes per epoch cannot fill one batch of {tc.batch_size} x {world} "
@@ -87,12 +91,13 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     val_spec = dataclasses.replace(eval_spec(cfg), episodes=tc.val_episodes, shot=cfg.shot)
     fscs = tc.task == "fscs"  # iFSL classify-and-segment episodes and objectives (finetune/fscs.py)
+    method = cfg.model.method if not base else f"{cfg.model.method}:base"  # a base run never resumes a meta run
 
     optimizer = make_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     core: FewShotMethod = accelerator.unwrap_model(model)
     resumed = resume_from(accelerator, run_dir, resume, {
-        "global_batch": tc.batch_size * world, "method": cfg.model.method, "total_steps": total_steps},
+        "global_batch": tc.batch_size * world, "method": method, "total_steps": total_steps},
         allow_inexact=allow_inexact)
     step, checkpoint = resumed.step, resumed.checkpoint
     best = resumed.state.get("best_val_miou", -1.0)
@@ -123,6 +128,8 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
         epoch, offset = divmod(step, steps_per_epoch)
         if fscs:
             dataset, collate_fn = fscs_train_dataset(cfg, train_set, transform, epoch, per_epoch)
+        elif base:
+            dataset, collate_fn = base_train_dataset(cfg, train_set, core.channel_of, transform, epoch, per_epoch)
         else:
             episodes = epoch_episodes(train_set, cfg.shot, tc.seed, epoch, per_epoch)
             dataset = EpisodeDataset(train_set, episodes, transform, cfg.shot, tc.seed, epoch,
@@ -142,6 +149,8 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
                 batch = to_device(batch, accelerator.device)
                 if fscs:
                     loss, parts = fscs_train_step(model, batch, tc.labels)
+                elif base:
+                    loss, parts = base_train_step(model, core, batch)
                 else:
                     out = model(batch["query"], batch["supports"], batch["support_masks"],
                                 **class_name_kwargs(core, train_set, batch["class_id"]))
@@ -163,7 +172,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
                 checkpoint = save_checkpoint(accelerator, run_dir, step, {}, {
                     "step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                     "best_val_miou": best, "world_size": world, "global_batch": tc.batch_size * world,
-                    "method": cfg.model.method}, keep_last=tc.keep_last)
+                    "method": method}, keep_last=tc.keep_last)
             if step >= total_steps:
                 break
     log.close()
@@ -179,5 +188,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
 
 
 def _save_weights(model: torch.nn.Module, path: Path, meta: dict[str, str]) -> Path:
-    """Full model state (frozen backbones included: their BN statistics move in the reference training mode)."""
-    return save_tensors(path, model.state_dict(), meta)
+    """Full model state (frozen backbones included: their BN statistics move in the reference training mode), with
+    the model's own ``weights_metadata()`` when it has one (BAM's base learner: its class -> channel table)."""
+    own = model.weights_metadata() if hasattr(model, "weights_metadata") else {}
+    return save_tensors(path, model.state_dict(), {**own, **meta})

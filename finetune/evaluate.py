@@ -146,6 +146,12 @@ def evaluate_all(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMe
     ``{"method", "per_source": {source: results}, "<metric>_mean"}``, the means over sources). ``eval.task=fscs``
     scores FS-CS episodes the same way (:mod:`finetune.fscs`).
     """
+    if cfg.eval.task == "gfss":  # BAM's generalized FSS: base classes + the novel one (finetune/gfss.py)
+        from finetune.gfss import run_gfss_evaluation
+        if len(benches) != 1:
+            raise DataError("eval.task=gfss needs one benchmark (data.sources=[])")
+        return run_gfss_evaluation(cfg, accelerator, model, next(iter(benches.values())), out_dir, checkpoint,
+                                   weights)
     if cfg.eval.task == "fscs":  # N-way classify-and-segment episodes: ER next to mIoU
         from fewshot.fscs import fscs_table
         from finetune.fscs import run_fscs_evaluation

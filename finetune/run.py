@@ -4,6 +4,7 @@
     accelerate launch finetune/run.py --config configs/finetune/pascal5i_r50.yaml data.fold=0 shot=1 \
         model.prior=prior_r50.safetensors [--resume [auto|DIR]]
     accelerate launch finetune/run.py --config FILE model.method=prototype   # training-free: evaluation only
+    accelerate launch finetune/run.py --config FILE train.stage=base         # BAM's base learner (no evaluation)
 
 After training, the weights chosen on the validation split of the training classes (the last weights when the
 benchmark has no validation split) are evaluated with the fixed protocol on the fold's test classes. Every
@@ -23,6 +24,7 @@ from common.cli import parse_run_args, user_errors  # noqa: E402
 from common.run import start_run  # noqa: E402
 from fewshot.data.sources import build_splits  # noqa: E402
 from fewshot.evaluate import check_episodes  # noqa: E402
+from finetune.base_stage import run_base_stage  # noqa: E402
 from finetune.config import FinetuneConfig, eval_spec  # noqa: E402
 from finetune.engine import LAST, train  # noqa: E402
 from finetune.evaluate import check_eval_splits, eval_benchmarks, evaluate_all, init_weights, resolve_weights  # noqa: E402
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or f"{stem}_fold{cfg.data.fold}_{cfg.shot}shot")
     accelerator = start_run(cfg, "stage 2: few-shot segmenter", run_dir, inv.config_path, cfg.train.seed,
                             cfg.train.deterministic, cfg.train.trackers, header={"method": cfg.model.method})
+    if cfg.train.stage == "base":  # BAM's base learner: a semantic segmenter, trained by the same loop
+        result = run_base_stage(cfg, accelerator, run_dir, inv.resume, inv.allow_inexact)
+        accelerator.end_training()
+        return result
 
     model = build_method(cfg.model)
     if cfg.model.init_from:

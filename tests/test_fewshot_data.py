@@ -530,3 +530,42 @@ def test_real_fss_mini_loads(shared_data):
     batch = next(iter(episode_loader(EpisodeDataset(bench, episodes, EvalTransform(97)), 4)))
     assert batch["size"] == 4 and batch["query"].shape == (4, 3, 97, 97)
     assert all((m == 1).any() for m in batch["query_mask_orig"])
+
+
+# --------------------------------------------------------------------------------------------------
+# full label maps (BAM's base learner, fewshot.data.base_labels)
+
+def test_pascal_full_label_map_and_base_remapping(voc_tree):
+    from fewshot.data.base_labels import base_channels, load_full, remap_to_base
+
+    train = pascal_split(voc_tree, 0, "train")
+    image, label = load_full(train, "2008_000001")
+    assert image.shape == (64, 64, 3) and label.dtype == np.int32
+    assert (label[:40] == 6).all() and (label[40] == -1).all() and (label[41] == 1).all() and (label[42:] == 0).all()
+    channels = base_channels(train)
+    assert channels == {c: c - 5 for c in range(6, 21)}    # fold 0: classes 6..20 -> channels 1..15
+    target = remap_to_base(label, channels)
+    assert (target[:40] == 1).all() and (target[40] == 255).all()
+    assert (target[41] == 0).all()                         # class 1 is a test (novel) class: background
+
+
+def test_coco_full_label_map_is_rasterised_once_and_cached(coco_tree, tmp_path):
+    from fewshot.data.base_labels import load_full
+
+    train = Coco20i(coco_tree, fold=1, split="train", val_fraction=0.0, cache_dir=tmp_path)
+    _, label = load_full(train, "000000000011")
+    decode = lambda seg: mask_utils.decode(mask_utils.frPyObjects(seg, 48, 64))[..., 0] > 0  # noqa: E731
+    box1, box3 = decode(box(0, 0, 48, 48)), decode(box(0, 0, 40, 30)) | decode(box(20, 0, 60, 30))
+    region2 = np.zeros((48, 64), bool)
+    region2[:30] = True
+    # largest instance first: class 1 (48 x 48), class 2 (30 x 64) over it, the 1,200-pixel boxes of 3 on top
+    expected = np.zeros((48, 64), np.int32)
+    expected[:, 52:] = -1                                  # the crowd region no instance covers
+    expected[box1] = 1
+    expected[region2] = 2
+    expected[box3] = 3
+    np.testing.assert_array_equal(label, expected)
+    cached = list(tmp_path.glob("coco_labels_instances_train2017_*/11.png"))
+    assert len(cached) == 1
+    train.rasterise = None                                 # a second read must come from the cache
+    np.testing.assert_array_equal(load_full(train, "000000000011")[1], expected)

@@ -86,3 +86,22 @@ def test_region_map_recall_on_a_hand_made_map():
     inverted = region_map_recall(maps, target, thresholds=(0.6,), invert=True)  # 1 - map >= .6 covers 0.35 only
     assert inverted == {0.6: 0.25}
     assert region_map_recall(maps, torch.zeros_like(target), thresholds=(0.5,)) == {0.5: 0.0}
+
+
+def test_generalized_fss_meter_by_hand():
+    from fewshot.metrics import GeneralizedMeter
+
+    meter = GeneralizedMeter(base_channels=2, novel_ids=[7, 8])
+    # episode 1 (novel 7): target row-major [0, 1, 1, 3 | 2, 2, 255, 3], 3 = the novel class
+    target = torch.tensor([[0, 1, 1, 3], [2, 2, 255, 3]])
+    pred = torch.tensor([[1, 1, 0, 3], [2, 0, 3, 0]])
+    meter.update(pred, target, 7)
+    # base 1: I 1, U 3; base 2: I 1, U 2; novel 7: I 1 (the 255 pixel does not count), U 2
+    meter.update(torch.tensor([[2, 0]]), torch.tensor([[2, 3]]), 8)   # base 2: +I 1 +U 1; novel 8: I 0, U 1
+    assert meter.miou_base() == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert meter.miou_novel() == pytest.approx((1 / 2 + 0.0) / 2)
+    b, n = 0.5, 0.25
+    assert meter.miou_hm() == pytest.approx(2 * b * n / (b + n))
+    assert meter.summary()["episodes"] == 2
+    twice = GeneralizedMeter(2, [7, 8]).load_state(torch.stack([meter.state(), meter.state()]))
+    assert twice.miou_base() == pytest.approx(meter.miou_base())  # doubled counts, same ratios

@@ -10,7 +10,9 @@ The 80 category ids are mapped to 1..80 in id order. Folds are the interleaved s
 masks covers ``min_pixels``; the union areas come from RLE merges (no dense decode) and are cached per
 annotation file. Masks are built on the fly from polygons / RLE; crowd regions of the chosen class that no
 instance covers become 255 (ignored). Splits: ``train`` / ``val`` (held-out share of train, training
-classes) from the train JSON, ``test`` from the val JSON on the fold's test classes.
+classes) from the train JSON, ``test`` from the val JSON on the fold's test classes. Full label maps of every
+class (BAM's base learner, :mod:`fewshot.data.base_labels`) are rasterised per image on first use and cached as
+PNGs next to the index (``coco_labels_<annotation file>_<key>/<image id>.png``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from common.images import read_rgb
-from common.io import write_json
+from common.io import write_bytes, write_json
 from fewshot.data.base import (
     IGNORE_INDEX,
     DataError,
@@ -102,7 +105,7 @@ class Coco20i(FewShotBenchmark):
             raise ValueError(f"COCO-20i split must be train, val or test, got {split!r}")
         if split == "val" and val_fraction <= 0:
             raise ValueError("COCO-20i split 'val' needs val_fraction > 0 (it is held out of the training images)")
-        self.split, self.fold, self.min_pixels = split, fold, min_pixels
+        self.split, self.fold, self.min_pixels, self.cache_dir = split, fold, min_pixels, cache_dir
         folder = coco_folder(root, year)
         part = "val" if split == "test" else "train"
         self.annotation_path, self.year = annotation_file(folder, part, year)
@@ -161,6 +164,47 @@ class Coco20i(FewShotBenchmark):
             if rles:
                 mask[mask_utils.decode(mask_utils.merge(rles)) > 0] = value
         return mask
+
+    def load_full(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """Image and its full label map int32 (0 = background, classes 1-80, -1 = crowd not covered by an
+        instance), rasterised once per image and cached as a PNG beside the union-area index."""
+        image_id = self.image_ids[sample.key]
+        cache = self._label_cache / f"{image_id}.png"
+        label = None
+        if cache.is_file():
+            try:
+                label = np.asarray(Image.open(cache), dtype=np.uint8)
+            except (OSError, ValueError):
+                label = None  # a damaged cache file is rebuilt below
+        if label is None:
+            label = self.rasterise(image_id)
+            buffer = io.BytesIO()
+            Image.fromarray(label, mode="L").save(buffer, format="PNG")
+            write_bytes(cache, buffer.getvalue())
+        image = read_rgb(sample.image_path)
+        check_same_size(image, label, sample.image_path, f"{sample.mask_path} (image id {image_id})")
+        return image, np.where(label == IGNORE_INDEX, -1, label.astype(np.int32))
+
+    def rasterise(self, image_id: int) -> np.ndarray:
+        """uint8 ``[H, W]`` of every class: instances painted largest first (a small object on a large one stays
+        visible), crowd regions no instance covers -> 255."""
+        info = self.coco.imgs[image_id]
+        label = np.zeros((info["height"], info["width"]), np.uint8)
+        class_of = {cat: i + 1 for i, cat in enumerate(self.category_ids)}
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
+        crowd = [self.coco.annToRLE(a) for a in anns if int(a.get("iscrowd", 0))]
+        if crowd:
+            label[mask_utils.decode(mask_utils.merge(crowd)) > 0] = IGNORE_INDEX
+        instances = [(self.coco.annToRLE(a), class_of[a["category_id"]]) for a in anns if not int(a.get("iscrowd", 0))]
+        for rle, c in sorted(instances, key=lambda x: -int(mask_utils.area(x[0]))):
+            label[mask_utils.decode(rle) > 0] = c
+        return label
+
+    @cached_property
+    def _label_cache(self) -> Path:
+        stat = self.annotation_path.stat()
+        key = hashlib.sha1(f"{self.annotation_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return index_cache_dir(self.cache_dir) / f"coco_labels_{self.annotation_path.stem}_{key.hexdigest()[:16]}"
 
 
 def union_areas(path: Path, cache_dir: str | Path = "") -> dict:

@@ -11,7 +11,8 @@ id and ``val_seed``) on the training classes, removed from ``train``, for model 
 the test classes. ``fold='all'`` (or -1) uses all 20 classes everywhere (cross-domain source training).
 
 Per-image class pixel counts are read once from the masks and cached as JSON (keyed by the list's content
-and the mask folder), so the 2,048-pixel filter can change without a rescan.
+and the mask folder), so the 2,048-pixel filter can change without a rescan. ``load_full`` reads an image's
+whole class map (BAM's base learner, :mod:`fewshot.data.base_labels`).
 """
 
 from __future__ import annotations
@@ -135,6 +136,14 @@ class Pascal5i(FewShotBenchmark):
         image = read_rgb(sample.image_path)
         check_same_size(image, label, sample.image_path, sample.mask_path)
         return image, binary_mask(label, class_id)
+
+    def load_full(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """Image and the full ``SegmentationClassAug`` map as int32 (0 = background, 1-20, -1 = ignore)."""
+        label = read_label(sample.mask_path)
+        check_label_values(label, sample.mask_path)
+        image = read_rgb(sample.image_path)
+        check_same_size(image, label, sample.image_path, sample.mask_path)
+        return image, np.where(label == IGNORE_INDEX, -1, label.astype(np.int32))
 
 
 def check_label_values(label: np.ndarray, path: str | Path) -> None:

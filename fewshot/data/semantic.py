@@ -14,6 +14,9 @@ the episode mask); any other value is background, as the layout's README says (c
 background; camvid lists 0 = sky, so it has no background value). Unlisted values other than 0 are allowed but
 warned about once, since they usually mean ids shifted by one between the labels and ``classes.json``.
 
+``load_full`` returns an image's whole label as class ids (ignore -> -1) for BAM's base learner
+(:mod:`fewshot.data.base_labels`).
+
 Tasks: one binary task per (image, class present in it): the class is 1, every other class and background 0,
 ignore 255. A pair is indexed when the class covers at least ``min_pixels`` pixels (and at least one, so
 ``min_pixels=0`` keeps every present class); PASCAL-5i uses 2*32*32. Unlike PASCAL-5i / COCO-20i, where a query
@@ -455,3 +458,10 @@ class SemanticFolder(FewShotBenchmark):
         if extra:
             label = np.where(np.isin(label, extra), np.uint8(IGNORE_INDEX), label)
         return image, binary_mask(label, class_id)
+
+    def load_full(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """Image and the label PNG as int32 class ids (255 and the ``ignore`` values -> -1)."""
+        label = read_label(sample.mask_path)
+        image = read_rgb(sample.image_path)
+        check_same_size(image, label, sample.image_path, sample.mask_path)
+        return image, np.where(np.isin(label, list(self.ignore_values)), -1, label.astype(np.int32))

@@ -3,13 +3,14 @@
 Registered: ``qgnet`` (the paper's model), ``pfenet`` (QGNet without the prior), ``prototype`` (a
 training-free masked-average-prototype baseline), ``ssp`` (self-support prototypes; training-free unless
 ``model.train_layers`` or ``model.adapter``), ``qsm`` (query self-similarity prototyping, on SSP) and
-``ntrenet`` (non-target region eliminating). A new method is one module here that registers its builder (see
+``ntrenet`` (non-target region eliminating) and ``bam`` (base and meta learners, its base stage
+``train.stage=base``). A new method is one module here that registers its builder (see
 ``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
-from finetune.methods import ntrenet, prototype, qgnet, qsm, ssp  # noqa: F401  (importing registers them)
+from finetune.methods import bam, ntrenet, prototype, qgnet, qsm, ssp  # noqa: F401  (importing registers them)
 from finetune.methods.base import METHODS, FewShotMethod, register
 from finetune.model.config import ModelConfig
 

@@ -58,6 +58,7 @@ class SupportFeatures:
     fg: Tensor | None = None              # prototype cue, mean over shots [B,C]
     bg: Tensor | None = None
     guide_bg: Tensor | None = None        # the guider's background twin [B,D,1,1] (meta-memory losses, training)
+    layer2: list[Tensor] = dataclasses.field(default_factory=list)  # per shot, unmasked layer2 (BAM's Gram)
 
     def expand(self, batch: int) -> SupportFeatures:
         """The same supports for ``batch`` queries (a no-op when the batch already matches)."""
@@ -68,7 +69,7 @@ class SupportFeatures:
             return None if t is None else t.expand(batch, *t.shape[1:])
 
         return SupportFeatures([grow(t) for t in self.masked_l4], grow(self.guide), grow(self.fg), grow(self.bg),
-                               grow(self.guide_bg))
+                               grow(self.guide_bg), [grow(t) for t in self.layer2])
 
 
 # query-side cues that can join the FEM's region maps (model.extra_maps), and the maps each one adds
@@ -184,13 +185,14 @@ class QGNet(FewShotMethod):
         """``supports [B,K,3,H,W]``, ``support_masks [B,K,H,W]`` -> per-shot masked layer4, the category guider
         (mean over shots) and, when used, the prototype cue; independent of any query (encode once, reuse).
         ``class_names`` (B) are read only with text guidance."""
-        masked_l4, prototypes, fg_protos, bg_protos, bg_guides = [], [], [], [], []
+        masked_l4, prototypes, fg_protos, bg_protos, bg_guides, taps2 = [], [], [], [], [], []
         text = self.text_guidance
         rows = text.rows(class_names) if text is not None else None
         for i in range(supports.shape[1]):  # one trunk pass per shot: with train-mode BN, stats are per shot
             s2, s3 = self.backbone.to_layer3(supports[:, i])
             if text is not None:
                 s2, s3 = text.restyle(s2, s3)                                # ADaIN: training only
+            taps2.append(s2)
             fg = (support_masks[:, i] == 1).unsqueeze(1).float()             # [B,1,H,W]
             mask = F.interpolate(fg, size=s3.shape[-2:], mode="bilinear", align_corners=True)
             masked_l4.append(self.backbone.run_layer4(s3 * mask) * mask)     # [B,C4,h,w]
@@ -213,10 +215,19 @@ class QGNet(FewShotMethod):
         cue = (torch.stack(fg_protos).mean(0), torch.stack(bg_protos).mean(0)) if fg_protos else (None, None)
         guide = torch.stack(prototypes).mean(dim=0) if prototypes else None
         guide_bg = torch.stack(bg_guides).mean(dim=0) if bg_guides else None
-        return SupportFeatures(masked_l4, guide, *cue, guide_bg)
+        return SupportFeatures(masked_l4, guide, *cue, guide_bg=guide_bg,
+                               layer2=taps2 if self.keep_support_layer2 else [])
+
+    keep_support_layer2 = False  # BAM's Gram distance reads the supports' layer2 features
 
     def decode(self, query: QueryFeatures, supports: SupportFeatures) -> SegmenterOutput:
         """Region maps, FEM and logits ``[B,2,H,W]``; supports encoded once (batch 1) serve every query."""
+        out = self.decode_features(query, supports)
+        out.logits = F.interpolate(out.logits, size=query.size, mode="bilinear", align_corners=True)
+        return out
+
+    def decode_features(self, query: QueryFeatures, supports: SupportFeatures) -> SegmenterOutput:
+        """:meth:`decode` at feature resolution: logits ``[B,2,h,w]``."""
         supports = supports.expand(query.taps[0].shape[0])
         q2, q3, q4 = query.taps
         guided = [guided_region_map(q4, s4, self.sim_chunk) for s4 in supports.masked_l4]  # each [B,1,h,w]
@@ -241,7 +252,6 @@ class QGNet(FewShotMethod):
         logits, aux = self.fem(query.bridge, supports.guide, fem_maps)
         if self.residual != "none":
             logits = logits + answers[self.residual].to(logits.dtype)
-        logits = F.interpolate(logits, size=query.size, mode="bilinear", align_corners=True)
         memory_inputs = {} if supports.guide_bg is None else {
             "mmt_query": query.bridge, "mmt_fg": supports.guide.flatten(1), "mmt_bg": supports.guide_bg.flatten(1)}
         return SegmenterOutput(logits=logits, maps=maps, aux_logits=aux, loss_inputs=memory_inputs)

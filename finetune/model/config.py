@@ -18,7 +18,8 @@ class ModelConfig:
     method: str = field(
         "qgnet", help="the registered few-shot method (finetune.methods): qgnet | pfenet (qgnet without the prior) "
                       "| prototype (training-free masked-average prototypes) | ssp (self-support prototypes) "
-                      "| qsm (query self-similarity prototyping) | ntrenet (non-target region eliminating)")
+                      "| qsm (query self-similarity prototyping) | ntrenet (non-target region eliminating) "
+                      "| bam (base + meta learner; its base stage: train.stage=base)")
     backbone: Literal["resnet50", "resnet101", "mobilenet_v2"] = field(
         "resnet50", help="frozen feature extractor F (bridge and support features), dilated to output stride 8")
     backbone_weights: str = field(
@@ -69,7 +70,14 @@ class ModelConfig:
                          "cannot learn what the training classes look like)")
     train_layers: list[str] = field(
         [], help="ssp: backbone stages whose convolutions train (the reference: [layer2, layer3]); BatchNorm stays "
-                 "frozen; [] = the training-free variant")
+                 "frozen; [] = the training-free variant. bam: the stages its base stage fine-tunes (the reference: "
+                 "the whole ResNet); the meta stage keeps them frozen")
+    base_learner: str = field(
+        "", help="bam: the run folder (or its last_model.safetensors) of the base stage (train.stage=base) whose "
+                 "backbone and PSPNet head the meta stage loads, frozen")
+    kshot: int = field(
+        1, help="bam: the shot count its k-shot reweighting of the Gram distances is built for (the reference "
+                "trains one model per shot); 1 = none; episodes of another shot count average the distances")
     ntre_modules: list[str] = field(
         ["bgem", "doem", "pcl"], help="ntrenet: the modules on (the paper's ablation): bgem (background elimination), "
                                       "doem (distracting-object elimination), pcl (prototypical contrastive loss)")
@@ -142,8 +150,6 @@ class ModelConfig:
         if self.meta_memory_slots < 1 or not 0 <= self.meta_memory_momentum < 1 or not 0 <= self.meta_memory_alpha <= 1:
             raise ValueError("model.meta_memory_slots must be >= 1, model.meta_memory_momentum in [0, 1) and "
                              "model.meta_memory_alpha in [0, 1]")
-        if self.train_layers and self.method not in ("ssp", "qsm"):
-            raise ValueError(f"model.train_layers is an ssp / qsm option; model.method is {self.method!r}")
         if self.text_guidance:
             from finetune.model.text_guidance import TEXT_GUIDED_METHODS
             if self.method not in TEXT_GUIDED_METHODS:
@@ -152,5 +158,9 @@ class ModelConfig:
             if self.head_inputs != "features" or not 0.0 <= self.text_alpha <= 1.0 or self.text_heads <= 0:
                 raise ValueError("model.text_guidance fuses the category guider: it needs model.head_inputs="
                                  "features, model.text_alpha in [0, 1] and model.text_heads > 0")
+        if self.train_layers and self.method not in ("ssp", "qsm", "bam"):
+            raise ValueError(f"model.train_layers is an ssp / qsm / bam option; model.method is {self.method!r}")
+        if self.kshot < 1:
+            raise ValueError(f"model.kshot={self.kshot} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
