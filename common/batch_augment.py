@@ -131,10 +131,3 @@ def gaussian_blur(images: Tensor, sigma: Tensor, max_sigma: float) -> Tensor:
     kernel = get_gaussian_kernel1d(2 * radius + 1, sigma.clamp(min=1e-3).to(images.dtype)[:, None])  # [N,K]
     blurred = filter2d_separable(images, kernel, kernel, border_type="reflect")
     return torch.where((sigma > 0).view(-1, 1, 1, 1), blurred, images)
-
-
-def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """``(images - mean) / std`` per channel."""
-    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images - m) / s

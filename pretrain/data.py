@@ -35,7 +35,7 @@ from pretrain.device_views import canvas_size
 from pretrain.view_params import sample_rng, view_params
 from superpixels.cache import SuperpixelCache, precompute
 from superpixels.segment import segment_ids_for_sampling
-from superpixels.transforms import JointViewTransform, sample_segment_crop
+from superpixels.transforms import JointViewTransform, sample_segment_crop, segment_box
 from superpixels.vis import save_boundary_grid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -355,15 +355,6 @@ def labels_to_canvas(labels: np.ndarray, size: tuple[int, int], side: int) -> np
     canvas = np.zeros((side, side), np.int16)
     canvas[:size[0], :size[1]] = labels[rows[:, None], cols[None, :]]
     return canvas
-
-
-def segment_box(labels: np.ndarray, segment: int) -> tuple[int, int, int, int]:
-    """``(top, left, bottom, right)`` (exclusive) of the tight bounding box of one superpixel id."""
-    inside = labels == segment
-    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-    if len(rows) == 0:
-        raise ValueError(f"superpixel id {segment} does not occur in the label map")
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
 def collate_views(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:

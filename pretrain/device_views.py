@@ -17,19 +17,12 @@ import torch.nn.functional as F
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import normalize  # batched: [N,3,S,S]
 
-from common.batch_augment import (
-    color_jitter,
-    crop_resize,
-    crop_resize_labels,
-    gaussian_blur,
-    grayscale,
-    hflip,
-    normalize,
-)
+from common.batch_augment import color_jitter, crop_resize, crop_resize_labels, gaussian_blur, grayscale, hflip
 from pretrain.config import PretrainConfig
 
-MEAN, STD = tuple(IMAGENET_NORMALIZE["mean"]), tuple(IMAGENET_NORMALIZE["std"])
+MEAN, STD = list(IMAGENET_NORMALIZE["mean"]), list(IMAGENET_NORMALIZE["std"])
 HOST_KEYS = ("jpeg", "region_count")  # batch entries that stay on the host (bytes to decode, a shape)
 
 

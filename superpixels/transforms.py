@@ -111,12 +111,17 @@ def sample_segment_crop(image: Image.Image, labels: np.ndarray, ids: np.ndarray,
     _check_pair(image, labels)
     if len(ids) == 0:
         raise ValueError("no sampleable superpixel ids to choose from")
-    chosen = ids[rng.integers(len(ids))]
-    inside = labels == chosen
+    top, left, bottom, right = segment_box(labels, int(ids[rng.integers(len(ids))]))
+    return image.crop((left, top, right, bottom))
+
+
+def segment_box(labels: np.ndarray, segment: int) -> tuple[int, int, int, int]:
+    """``(top, left, bottom, right)`` (bottom / right exclusive) of one superpixel id's tight bounding box."""
+    inside = labels == segment
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     if len(rows) == 0:
-        raise ValueError(f"superpixel id {chosen} does not occur in the label map")
-    return image.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+        raise ValueError(f"superpixel id {segment} does not occur in the label map")
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
 def _check_pair(image: Image.Image, labels: np.ndarray) -> None:
