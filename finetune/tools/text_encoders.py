@@ -117,11 +117,11 @@ class MiniLM(nn.Module):
 
 def minilm_encoder(weights: str | None = None) -> tuple[Encoder, str]:
     """all-MiniLM-L6-v2 from :func:`minilm_files` (see the module docstring)."""
+    folder = minilm_files(weights)  # the files first: a wrong folder is named whatever is installed
     try:
         from tokenizers import Tokenizer
     except ModuleNotFoundError:
         raise WeightsError("--encoder minilm needs the tokenizers package (pip install -e \".[minilm]\")") from None
-    folder = minilm_files(weights)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.enable_truncation(MAX_TOKENS)
     tokenizer.enable_padding(pad_id=0)
