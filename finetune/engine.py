@@ -1,11 +1,12 @@
 """The stage-2 training loop, written out step by step (episodes -> method -> loss -> optimiser).
 
-Training draws a fresh episode list per epoch from ``seed + epoch``; augmentation is seeded per episode; the
-learning rate is derived from the step. Together with the checkpointed weights, optimiser and RNG states this
-makes ``--resume auto`` continue exactly. Model selection uses episodes of held-out classes or images of the
-*training* sources (``val``), scored by the same evaluation core as the test (:mod:`fewshot.evaluate`), never
-the test episodes. BAM's base stage (``train.stage=base``) runs the same loop over images with multi-class labels
-(:mod:`finetune.base_stage`) and has no validation.
+Training draws a fresh episode list per epoch from ``seed + epoch``; augmentation is seeded per episode; the learning
+rate is derived from the step. With ``data.augment_on=device`` the workers send each image with its augmentation
+parameters and :class:`~fewshot.data.device_augment.DeviceAugment` finishes the batch on the device. Together with the
+checkpointed weights, optimiser and RNG states this makes ``--resume auto`` continue exactly. Model selection uses
+episodes of held-out classes or images of the *training* sources (``val``), scored by the same evaluation core as the
+test (:mod:`fewshot.evaluate`), never the test episodes. BAM's base stage (``train.stage=base``) runs the same loop over
+images with multi-class labels (:mod:`finetune.base_stage`) and has no validation.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from accelerate.data_loader import skip_first_batches
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, DistributedSampler
 
+from common.batch_augment import resolve_augment_on
 from common.checkpoint import save_checkpoint
 from common.io import save_tensors, write_text
 from common.run import TrainLog, due, resume_from, set_lr
 from fewshot.data.base import FewShotBenchmark
+from fewshot.data.device_augment import DeviceAugment
 from fewshot.data.episodes import epoch_episodes
 from fewshot.data.loader import EpisodeDataset, collate
 from fewshot.data.transforms import build_transform
@@ -80,8 +83,17 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
     """
     tc = cfg.train
     world, rank = accelerator.num_processes, accelerator.process_index
-    transform = build_transform(cfg.data, train=True)
     base = tc.stage == "base"  # BAM's base learner: images with multi-class labels, not episodes (base_stage.py)
+    fscs = tc.task == "fscs"  # iFSL classify-and-segment episodes and objectives (finetune/fscs.py)
+    augment_on = resolve_augment_on(cfg.data.augment_on, accelerator.device)
+    if base or fscs:  # their datasets make finished images; only episode training has the device path
+        if cfg.data.augment_on == "device":
+            what = "train.stage=base" if base else "train.task=fscs"
+            raise ValueError(f"data.augment_on=device is for episode training; {what} augments in the loader "
+                             "workers (use data.augment_on=auto or worker)")
+        augment_on = "worker"
+    transform = build_transform(cfg.data, train=True, augment_on=augment_on)
+    device_augment = DeviceAugment(cfg.data.train_size) if augment_on == "device" else None
     per_epoch = tc.episodes_per_epoch or (len(train_set.image_keys()) if base else
                                           len(epoch_episodes(train_set, cfg.shot, tc.seed, 0)))
     steps_per_epoch = per_epoch // (tc.batch_size * world)
@@ -90,14 +102,14 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
                          "processes; lower train.batch_size or raise train.episodes_per_epoch")
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     val_spec = dataclasses.replace(eval_spec(cfg), episodes=tc.val_episodes, shot=cfg.shot)
-    fscs = tc.task == "fscs"  # iFSL classify-and-segment episodes and objectives (finetune/fscs.py)
     method = cfg.model.method if not base else f"{cfg.model.method}:base"  # a base run never resumes a meta run
 
     optimizer = make_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     core: FewShotMethod = accelerator.unwrap_model(model)
     resumed = resume_from(accelerator, run_dir, resume, {
-        "global_batch": tc.batch_size * world, "method": method, "total_steps": total_steps},
+        "global_batch": tc.batch_size * world, "method": method, "total_steps": total_steps,
+        "augment_on": augment_on},
         allow_inexact=allow_inexact)
     step, checkpoint = resumed.step, resumed.checkpoint
     best = resumed.state.get("best_val_miou", -1.0)
@@ -147,6 +159,8 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
             loss, parts = torch.zeros(()), {}
             if batch["size"]:  # every episode of the batch skipped: nothing to learn from, the step still counts
                 batch = to_device(batch, accelerator.device)
+                if device_augment is not None:  # the images of data.augment_on=device, batched (no host read)
+                    batch = device_augment(batch)
                 if fscs:
                     loss, parts = fscs_train_step(model, batch, tc.labels)
                 elif base:
@@ -172,7 +186,7 @@ def train(cfg: FinetuneConfig, accelerator: Accelerator, model: FewShotMethod, r
                 checkpoint = save_checkpoint(accelerator, run_dir, step, {}, {
                     "step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                     "best_val_miou": best, "world_size": world, "global_batch": tc.batch_size * world,
-                    "method": method}, keep_last=tc.keep_last)
+                    "method": method, "augment_on": augment_on}, keep_last=tc.keep_last)
             if step >= total_steps:
                 break
     log.close()

@@ -23,6 +23,7 @@ from accelerate.data_loader import skip_first_batches
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, DistributedSampler
 
+from common.batch_augment import resolve_augment_on as resolve_on
 from common.checkpoint import save_checkpoint
 from common.run import TrainLog, due, resume_from, set_lr
 from pretrain.config import PretrainConfig
@@ -63,10 +64,8 @@ def make_optimizer(cfg: PretrainConfig, model: MoCoPrior, lr: float, device: tor
 
 
 def resolve_augment_on(cfg: PretrainConfig, device: torch.device) -> str:
-    """``data.augment_on`` with ``auto`` decided: device on CUDA, worker elsewhere."""
-    if cfg.data.augment_on != "auto":
-        return cfg.data.augment_on
-    return "device" if device.type == "cuda" else "worker"
+    """``data.augment_on`` with ``auto`` decided: device on CUDA, worker elsewhere (shared with stage 2)."""
+    return resolve_on(cfg.data.augment_on, device)
 
 
 def uses_channels_last(cfg: PretrainConfig, device: torch.device, bn_mode: str) -> bool:

@@ -52,6 +52,13 @@ class DataConfig:
     scale: tuple[float, float] = field((0.9, 1.1), help="RandScale range (COCO reference: 0.8-1.25)")
     rotate: tuple[float, float] = field((-10.0, 10.0), help="RandRotate angle range in degrees (applied with p 0.5)")
     num_workers: int = field(2, help="training loader workers (episodes and augmentation do not depend on it)")
+    augment_on: Literal["auto", "worker", "device"] = field(
+        "auto", help="training augmentation: worker = loader workers resize, rotate, blur, flip, crop and normalise "
+                     "each image; device = workers draw the same random choices and make the masks (identical), "
+                     "the images are warped, blurred and normalised batched on the accelerator "
+                     "(fewshot/data/device_augment.py; each batch carries the full-size uint8 images); auto = "
+                     "device on CUDA, worker elsewhere. Episode training only (fscs and base stages: worker); "
+                     "evaluation always resizes in the workers")
     on_bad_sample: Literal["error", "skip"] = field(
         "error", help="error: a bad file stops the run naming it; skip: the episode is dropped, counted, reported")
     query_order: Literal["cycle", "random"] = field(

@@ -30,7 +30,10 @@ class EpisodeDataset(Dataset):
     Returns a dict: ``query`` float ``[3, S, S]``, ``query_mask`` int64 ``[S, S]`` in {0, 1, 255},
     ``supports`` ``[K, 3, S, S]``, ``support_masks`` int64 ``[K, S, S]``, ``class_id``, ``episode_index``,
     ``query_key``, ``support_keys``, and for evaluation the query's original-resolution mask
-    ``query_mask_orig`` uint8 ``[H0, W0]`` with ``orig_size`` ``(H0, W0)``.
+    ``query_mask_orig`` uint8 ``[H0, W0]`` with ``orig_size`` ``(H0, W0)``. With a
+    :class:`~fewshot.data.transforms.DeviceTrainTransform` (``data.augment_on=device``) ``query`` and
+    ``supports`` are replaced by ``device_images``: the query's and each support's uint8 image with its
+    parameters, which :func:`collate` pads into one batch for the device.
     """
 
     def __init__(self, benchmark: FewShotBenchmark, episodes: list[EpisodeSpec], transform: Transform,
@@ -69,11 +72,15 @@ class EpisodeDataset(Dataset):
             s_image, s_mask = self.transform(s_image, s_mask, self.rng(index, slot))
             supports.append(s_image)
             support_masks.append(s_mask)
-        return {"query": query, "query_mask": query_mask, "supports": torch.stack(supports),
-                "support_masks": torch.stack(support_masks), "class_id": torch.tensor(c),
+        item = {"query_mask": query_mask, "support_masks": torch.stack(support_masks), "class_id": torch.tensor(c),
                 "episode_index": torch.tensor(index), "query_key": episode.query,
                 "support_keys": list(episode.supports), "query_mask_orig": torch.from_numpy(mask),
                 "orig_size": tuple(mask.shape)}
+        if isinstance(query, dict):  # DeviceTrainTransform: the images and their parameters, finished on the device
+            item["device_images"] = [query, *supports]
+        else:
+            item["query"], item["supports"] = query, torch.stack(supports)
+        return item
 
     def read(self, key: str, class_id: int, role: str) -> tuple[np.ndarray, np.ndarray, Sample]:
         """Load one sample for the class and check what the transforms and the loss rely on."""
@@ -124,7 +131,30 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"size": len(kept), "skipped": [x["skipped"] for x in items if "skipped" in x]}
     if kept:
         for name in STACKED:
-            batch[name] = torch.stack([x[name] for x in kept])
+            if name in kept[0]:
+                batch[name] = torch.stack([x[name] for x in kept])
         for name in ("query_key", "support_keys", "query_mask_orig", "orig_size"):
             batch[name] = [x[name] for x in kept]
+        if "device_images" in kept[0]:
+            batch.update(collate_device_images([x["device_images"] for x in kept]))
     return batch
+
+
+def collate_device_images(episodes: list[list[dict[str, Tensor]]]) -> dict[str, Tensor]:
+    """The images of ``data.augment_on=device`` episodes (query first, then its K supports) as one padded batch.
+
+    Returns ``device_sources`` uint8 ``[N, 3, Hmax, Wmax]`` (each image at the top-left, zeros around it),
+    ``device_sizes`` int64 ``[N, 2]`` (h, w), ``device_matrices`` float32 ``[N, 2, 3]``, ``device_frames`` float32 ``[N,
+    4]`` and ``device_blur`` bool ``[N]``, with N = B (1 + K): the B queries first, then the supports episode by
+    episode, so :class:`fewshot.data.device_augment.DeviceAugment` splits its output with one slice and one view.
+    """
+    images = [e[0] for e in episodes] + [s for e in episodes for s in e[1:]]
+    sizes = torch.tensor([tuple(x["source"].shape[1:]) for x in images], dtype=torch.int64)
+    height, width = (int(v) for v in sizes.max(0).values)
+    sources = torch.zeros(len(images), 3, height, width, dtype=torch.uint8)
+    for out, x in zip(sources, images):
+        out[:, :x["source"].shape[1], :x["source"].shape[2]] = x["source"]
+    return {"device_sources": sources, "device_sizes": sizes,
+            "device_matrices": torch.stack([x["matrix"] for x in images]),
+            "device_frames": torch.stack([x["frame"] for x in images]),
+            "device_blur": torch.stack([x["blur"] for x in images])}

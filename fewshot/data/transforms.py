@@ -9,6 +9,8 @@ S must be 8n+1, the sizes the few-shot model's feature maps are built for.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -42,6 +44,55 @@ def normalise(image: Tensor) -> Tensor:
     return F.normalize(image, list(MEAN), list(STD))
 
 
+@dataclass(frozen=True)
+class TrainDraws:
+    """The random choices :class:`TrainTransform` made for one image, in the order it drew them.
+
+    ``source`` is the image's ``(h, w)`` before anything, ``resized`` after the (long-side and random) resize,
+    ``angle`` the rotation in degrees (None = not rotated), ``pad`` the ``(left, top)`` centring pad and ``crop``
+    the ``(top, left)`` of the S x S crop in the padded image.
+    """
+
+    source: tuple[int, int]
+    resized: tuple[int, int]
+    angle: float | None
+    blur: bool
+    flip: bool
+    pad: tuple[int, int]
+    crop: tuple[int, int]
+
+    def matrix(self) -> np.ndarray:
+        """``[2, 3]`` float64 affine map from the crop's pixel coordinates to the source image's.
+
+        Continuous coordinates, pixel ``i`` covering ``[i, i + 1)`` (x right, y down), so the composition is
+        exact for the resize (``align_corners=False``), the rotation about the centre ``(w / 2, h / 2)`` that
+        torchvision's ``rotate`` uses, the flip ``x -> w - x`` and the integer pad and crop offsets.
+        """
+        (h0, w0), (h, w) = self.source, self.resized
+        crop = _translate(self.crop[1] - self.pad[0], self.crop[0] - self.pad[1])  # crop -> rotated/flipped image
+        flip = np.array([[-1.0, 0, w], [0, 1, 0], [0, 0, 1]]) if self.flip else np.eye(3)
+        theta = math.radians(self.angle or 0.0)  # torchvision's inverse rotation: output -> input about the centre
+        rotation = np.array([[math.cos(theta), -math.sin(theta), 0], [math.sin(theta), math.cos(theta), 0],
+                             [0, 0, 1]])
+        rotate = _translate(w / 2, h / 2) @ rotation @ _translate(-w / 2, -h / 2)
+        resize = np.diag([w0 / w, h0 / h, 1.0])
+        return (resize @ rotate @ flip @ crop)[:2]
+
+
+    def frame(self) -> tuple[float, float, float, float]:
+        """The resized (rotated, flipped) image's extent ``(x1, y1, x2, y2)`` in the crop's pixel coordinates.
+
+        Outside it lies the pad, which is fill even where the inverse rotation would reach into the source
+        (``rotate`` keeps the frame and cuts the corners it turns out of it).
+        """
+        x1, y1 = self.pad[0] - self.crop[1], self.pad[1] - self.crop[0]
+        return float(x1), float(y1), float(x1 + self.resized[1]), float(y1 + self.resized[0])
+
+
+def _translate(x: float, y: float) -> np.ndarray:
+    return np.array([[1.0, 0, x], [0, 1, y], [0, 0, 1]])
+
+
 class TrainTransform:
     """PFENet training augmentation, applied independently to the query and to each support.
 
@@ -61,31 +112,59 @@ class TrainTransform:
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         """uint8 ``[H, W, 3]``, ``[H, W]`` -> float ``[3, S, S]``, int64 ``[S, S]``."""
         img, lab = to_tensors(image, mask)
+        draws, lab = self.draw(lab, rng)
+        return normalise(self.apply(img, draws)), lab
+
+    def draw(self, lab: Tensor, rng: np.random.Generator) -> tuple[TrainDraws, Tensor]:
+        """Draw every random choice for one image and apply them to its mask (uint8 ``[1, H, W]``).
+
+        The crop's redraws look at the mask only, so the image never changes what is drawn. Returns the draws
+        and the int64 ``[S, S]`` mask.
+        """
+        source = tuple(lab.shape[1:])
         s = rng.uniform(*self.scale)
         if self.long_side:
-            s *= self.long_side / max(lab.shape[1:])
-        h, w = max(1, round(lab.shape[1] * s)), max(1, round(lab.shape[2] * s))
-        img = F.resize(img, [h, w], InterpolationMode.BILINEAR, antialias=False)
+            s *= self.long_side / max(source)
+        h, w = max(1, round(source[0] * s)), max(1, round(source[1] * s))
         lab = F.resize(lab, [h, w], InterpolationMode.NEAREST)
+        angle = None
         if rng.random() < 0.5:
             angle = float(rng.uniform(*self.rotate))
-            img = F.rotate(img, angle, InterpolationMode.BILINEAR, fill=list(MEAN))
             lab = F.rotate(lab, angle, InterpolationMode.NEAREST, fill=[float(IGNORE_INDEX)])
-        if rng.random() < 0.5:
-            img = F.gaussian_blur(img, [5, 5], [BLUR_SIGMA, BLUR_SIGMA])
-        if rng.random() < 0.5:
-            img, lab = F.horizontal_flip(img), F.horizontal_flip(lab)
-        img, lab = self.crop(img, lab, rng)
-        return normalise(img), lab[0].long()
+        blur = bool(rng.random() < 0.5)
+        flip = bool(rng.random() < 0.5)
+        if flip:
+            lab = F.horizontal_flip(lab)
+        pad, lab = self.pad(lab, IGNORE_INDEX)
+        crop = self.crop(lab, rng)
+        lab = lab[:, crop[0]:crop[0] + self.size, crop[1]:crop[1] + self.size]
+        return TrainDraws(source, (h, w), angle, blur, flip, pad, crop), lab[0].long()
 
-    def crop(self, img: Tensor, lab: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-        """Pad (centred) to at least S, then a random S x S crop that tries to keep the foreground."""
+    def apply(self, img: Tensor, draws: TrainDraws) -> Tensor:
+        """The image side of ``draws``: float ``[3, H, W]`` (0-255) -> ``[3, S, S]`` (not normalised)."""
+        img = F.resize(img, list(draws.resized), InterpolationMode.BILINEAR, antialias=False)
+        if draws.angle is not None:
+            img = F.rotate(img, draws.angle, InterpolationMode.BILINEAR, fill=list(MEAN))
+        if draws.blur:
+            img = F.gaussian_blur(img, [5, 5], [BLUR_SIGMA, BLUR_SIGMA])
+        if draws.flip:
+            img = F.horizontal_flip(img)
+        _, img = self.pad(img, list(MEAN))
+        top, left = draws.crop
+        return img[:, top:top + self.size, left:left + self.size]
+
+    def pad(self, x: Tensor, fill: float | list[float]) -> tuple[tuple[int, int], Tensor]:
+        """Centre-pad ``x [C, H, W]`` with ``fill`` to at least S x S; returns the ``(left, top)`` pad and it."""
         S = self.size
-        pad_h, pad_w = max(S - lab.shape[1], 0), max(S - lab.shape[2], 0)
+        pad_h, pad_w = max(S - x.shape[1], 0), max(S - x.shape[2], 0)
         if pad_h or pad_w:
             padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]  # left, top, right, bottom
-            img = F.pad(img, padding, fill=list(MEAN))
-            lab = F.pad(lab, padding, fill=IGNORE_INDEX)
+            x = F.pad(x, padding, fill=fill)
+        return (pad_w // 2, pad_h // 2), x
+
+    def crop(self, lab: Tensor, rng: np.random.Generator) -> tuple[int, int]:
+        """The ``(top, left)`` of a random S x S crop of the padded mask that tries to keep the foreground."""
+        S = self.size
         h, w = lab.shape[1:]
         fg_total = int((lab == 1).sum())
 
@@ -97,7 +176,27 @@ class TrainTransform:
             if int((lab[:, top:top + S, left:left + S] == 1).sum()) >= self.fg_keep * fg_total:
                 break
             top, left = draw()
-        return img[:, top:top + S, left:left + S], lab[:, top:top + S, left:left + S]
+        return top, left
+
+
+class DeviceTrainTransform(TrainTransform):
+    """:class:`TrainTransform`'s geometry only, for ``data.augment_on=device``.
+
+    The mask is made exactly as in :class:`TrainTransform` (same draws, same ops); the image is returned as it was read,
+    with the parameters that :class:`fewshot.data.device_augment.DeviceAugment` applies batched on the accelerator:
+    ``{"source": uint8 [3, H, W], "matrix": float32 [2, 3] (crop pixel -> source pixel, see :meth:`TrainDraws.matrix`),
+    "frame": float32 [4] (:meth:`TrainDraws.frame`), "blur": bool []}``. The long-side resize is part of the matrix's
+    scale, so the image is resampled once, as in the worker path.
+    """
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[dict[str, Tensor], Tensor]:
+        """uint8 ``[H, W, 3]``, ``[H, W]`` -> the image's parameters (above), int64 ``[S, S]`` mask."""
+        draws, lab = self.draw(torch.from_numpy(np.array(mask))[None], rng)
+        # copied only when read-only (torch warns on those); the permuted view is copied once, by the collate
+        source = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)
+        return {"source": source, "matrix": torch.from_numpy(draws.matrix()).float(),
+                "frame": torch.tensor(draws.frame()), "blur": torch.tensor(draws.blur)}, lab
 
 
 class EvalTransform:
@@ -135,9 +234,11 @@ class EvalTransform:
         return normalise(img), lab[0].long()
 
 
-def build_transform(cfg: DataConfig, train: bool, protocol: Literal["pfenet", "hsnet"] = "pfenet"
-                    ) -> TrainTransform | EvalTransform:
-    """The training augmentation, or the evaluation resize of ``protocol``, with the sizes of ``cfg``."""
+def build_transform(cfg: DataConfig, train: bool, protocol: Literal["pfenet", "hsnet"] = "pfenet",
+                    augment_on: Literal["worker", "device"] = "worker") -> TrainTransform | EvalTransform:
+    """The training augmentation (its geometry only with ``augment_on="device"``, the engine having resolved
+    ``data.augment_on``), or the evaluation resize of ``protocol``, with the sizes of ``cfg``."""
     if train:
-        return TrainTransform(cfg.train_size, tuple(cfg.scale), tuple(cfg.rotate), long_side=cfg.train_long_side)
+        kind = DeviceTrainTransform if augment_on == "device" else TrainTransform
+        return kind(cfg.train_size, tuple(cfg.scale), tuple(cfg.rotate), long_side=cfg.train_long_side)
     return EvalTransform(cfg.eval_size, protocol)
