@@ -78,7 +78,6 @@ class TrainDraws:
         resize = np.diag([w0 / w, h0 / h, 1.0])
         return (resize @ rotate @ flip @ crop)[:2]
 
-
     def frame(self) -> tuple[float, float, float, float]:
         """The resized (rotated, flipped) image's extent ``(x1, y1, x2, y2)`` in the crop's pixel coordinates.
 
