@@ -1,7 +1,7 @@
 """Generalization diagnostics in minutes: small heads trained on cached frozen features of a run's episodes.
 
     python -m finetune.tools.head_probe --config configs/finetune/smoke_real-mix_mnv2.yaml --out runs/head_probe \
-        --head features --sampling classes --steps 1000
+        --head features --sampling pairs --steps 1000
     python -m finetune.tools.head_probe ... --train-on test     # a ceiling, never a result (see below)
 
 What a learned head can add over the training-free ``prototype`` baseline, asked without the cost of a full
@@ -24,9 +24,10 @@ cached query features), and a small head then trains on those features at a few 
   so their images overlap): what these features could give if the head had been taught the test classes
   themselves. It is a diagnostic ceiling for docs/generalization.md, labelled as such in the output.
 
-Writes ``<out>/features_<size>.pt`` (the cache, reused by later calls with the same config and size),
-``<out>/<label>.json`` and appends a row to ``<out>/results.md``. The full pipeline's numbers come from
-``finetune/run.py``; these are cheaper and comparable with each other, not with a trained model's table.
+Writes ``<out>/features_<size>_<digest>.pt`` (the cache, reused by later calls with the same config, overrides and
+episode counts), ``<out>/<label>.json`` and appends rows to ``<out>/results.md``. The probe's ``prototype`` row is
+the full evaluation's (same episodes, same metric); its heads are not the shipped methods, so a probe row says
+what a head on these features can learn, and a trained model's own table says what the method does.
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config", required=True, help="a stage-2 config with validation classes (data.sources ...)")
     p.add_argument("--out", required=True, help="folder of the feature cache and the results")
     p.add_argument("--head", choices=("maps", "features"), default="features")
-    p.add_argument("--sampling", choices=("pairs", "classes"), default="classes")
+    p.add_argument("--sampling", choices=("pairs", "classes"), default="pairs")
     p.add_argument("--classes", type=int, default=0, help="keep this many training classes (0 = all)")
     p.add_argument("--train-sources", default="", help="comma-separated source names to train on (default: all)")
     p.add_argument("--train-on", choices=("train", "test"), default="train",
